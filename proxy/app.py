@@ -1,0 +1,193 @@
+"""The aiohttp application: wiring, the error middleware and the proxy's own endpoints.
+
+Everything under ``/_proxy/`` is answered by the proxy itself (health, token status);
+every other path is forwarded. The handler only wires pure policy to I/O.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy import __version__
+from proxy.config import Config
+from proxy.errors import ProxyError
+from proxy.forward import Forwarder, UpstreamAborted
+from proxy.logs import get_logger
+from proxy.problems import problem_response
+from proxy.tokens import Clock, LocalTokenProvider, TokenFetcher, TokenProvider
+
+log = get_logger("proxy.access")
+
+CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
+TOKENS: web.AppKey[TokenProvider] = web.AppKey("tokens", TokenProvider)  # type: ignore[type-abstract]
+FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder", Forwarder)
+UPSTREAM_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("upstream_session", aiohttp.ClientSession)
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+# Header limits: aiohttp's defaults, named so that server and client agree.
+MAX_LINE_SIZE = 8190
+MAX_FIELD_SIZE = 8190
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id")
+    if given and _REQUEST_ID_RE.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map errors to problem+json, log one access line per request.
+
+    After the response has started, an error can no longer be reported in a body:
+    the connection is dropped instead, so a truncated body never looks complete.
+    """
+    request_id = _request_id(request)
+    request["request_id"] = request_id
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except ProxyError as e:
+        status = e.status
+        return problem_response(e, request_id=request_id)
+    except UpstreamAborted as e:
+        status = 0
+        log.warning("transfer_aborted", request_id=request_id, reason=str(e))
+        if request.transport is not None:
+            request.transport.abort()
+        raise
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    except Exception:
+        log.exception("unhandled_error", request_id=request_id)
+        err = ProxyError("the proxy failed unexpectedly; retry, and report the request id if it persists")
+        return problem_response(err, request_id=request_id)
+    finally:
+        route = request.get("route")
+        log.info(
+            "request",
+            request_id=request_id,
+            method=request.method,
+            path=request.path,  # never the query string: it may hold regulated values
+            status=status,
+            country=route.country.code if route else None,
+            route_source=route.source if route else None,
+            upstream_status=request.get("upstream_status"),
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            peer=request.remote,
+        )
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Per-country readiness builds on the token status."""
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def token_status(request: web.Request) -> web.Response:
+    """Token health per country: state, seconds to expiry and refresh, last error. No token."""
+    statuses = request.app[TOKENS].status()
+    return web.json_response(
+        {
+            "tokens": [
+                {
+                    "countries": [c.upper() for c in s.countries],
+                    "state": s.state,
+                    "expires_in": s.expires_in,
+                    "refresh_in": s.refresh_in,
+                    "last_error": s.last_error,
+                    "fetches": s.fetches,
+                    "failures": s.failures,
+                }
+                for s in statuses
+            ]
+        },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    return await request.app[FORWARDER].handle(request)
+
+
+def upstream_session(config: Config) -> aiohttp.ClientSession:
+    """The one pooled client session for all upstreams (created at startup)."""
+    up = config.upstream
+    connector = aiohttp.TCPConnector(
+        limit=up.max_connections,
+        limit_per_host=up.max_connections_per_host,
+        keepalive_timeout=up.keepalive_timeout,
+        ttl_dns_cache=60,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        # The default jar would store upstream cookies and replay them for every client.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        auto_decompress=False,
+        max_line_size=MAX_LINE_SIZE,
+        max_field_size=MAX_FIELD_SIZE,
+    )
+
+
+def token_session(config: Config) -> aiohttp.ClientSession:
+    """A separate session for auth servers, so token requests never queue behind API traffic."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=20, keepalive_timeout=30),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
+
+
+def build_app(
+    config: Config,
+    *,
+    clock: Clock = time.monotonic,
+    tokens: TokenProvider | None = None,
+) -> web.Application:
+    """The proxy application for ``config``. ``tokens`` replaces the in-process provider."""
+    app = web.Application(
+        middlewares=[error_middleware],
+        # Forward compressed uploads as sent: the server must not inflate them.
+        handler_args={
+            "auto_decompress": False,
+            "max_line_size": MAX_LINE_SIZE,
+            "max_field_size": MAX_FIELD_SIZE,
+        },
+        client_max_size=config.limits.max_body_size,
+    )
+    app[CONFIG] = config
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        upstream = upstream_session(config)
+        auth = token_session(config)
+        provider = tokens or LocalTokenProvider(TokenFetcher(auth, config.tokens, clock), config.tokens, clock)
+        app[UPSTREAM_SESSION] = upstream
+        app[TOKENS] = provider
+        app[FORWARDER] = Forwarder(config, provider, upstream)
+        for warning in config.warnings:
+            structlog.get_logger("proxy.config").warning("insecure_upstream", detail=warning)
+        yield
+        await provider.close()
+        await upstream.close()
+        await auth.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/_proxy/health", health)
+    app.router.add_get("/_proxy/tokens", token_status)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app
