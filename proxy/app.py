@@ -18,7 +18,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.config import Config
 from proxy.errors import ProxyError
-from proxy.forward import Forwarder, UpstreamAborted
+from proxy.forward import ROUTE, UPSTREAM_STATUS, Forwarder, UpstreamAborted
 from proxy.logs import get_logger
 from proxy.problems import problem_response
 from proxy.tokens import Clock, LocalTokenProvider, TokenFetcher, TokenProvider
@@ -29,6 +29,8 @@ CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 TOKENS: web.AppKey[TokenProvider] = web.AppKey("tokens", TokenProvider)  # type: ignore[type-abstract]
 FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder", Forwarder)
 UPSTREAM_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("upstream_session", aiohttp.ClientSession)
+
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -54,7 +56,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     the connection is dropped instead, so a truncated body never looks complete.
     """
     request_id = _request_id(request)
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     started = time.perf_counter()
     status = 500
     try:
@@ -78,7 +80,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         err = ProxyError("the proxy failed unexpectedly; retry, and report the request id if it persists")
         return problem_response(err, request_id=request_id)
     finally:
-        route = request.get("route")
+        route = request.get(ROUTE)
         log.info(
             "request",
             request_id=request_id,
@@ -87,7 +89,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             status=status,
             country=route.country.code if route else None,
             route_source=route.source if route else None,
-            upstream_status=request.get("upstream_status"),
+            upstream_status=request.get(UPSTREAM_STATUS),
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             peer=request.remote,
         )
@@ -112,6 +114,7 @@ async def token_status(request: web.Request) -> web.Response:
                     "last_error": s.last_error,
                     "fetches": s.fetches,
                     "failures": s.failures,
+                    "waits": s.waits,
                 }
                 for s in statuses
             ]

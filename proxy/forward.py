@@ -42,6 +42,9 @@ REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
 
 NO_BODY_STATUSES = frozenset({204, 304})
 
+ROUTE: web.RequestKey[Route] = web.RequestKey("route", Route)
+UPSTREAM_STATUS: web.RequestKey[int] = web.RequestKey("upstream_status", int)
+
 
 class UpstreamAborted(Exception):
     """The upstream failed after the response started: the client connection must drop.
@@ -100,7 +103,7 @@ class Forwarder:
         route = resolve_country(
             self._config.routing, self._config.countries, request.raw_path, request.headers
         )
-        request["route"] = route
+        request[ROUTE] = route
         await self.admit(request, route)
         token = await self._tokens.get(route.country)
         return await self.send(request, route, token)
@@ -152,7 +155,7 @@ class Forwarder:
                 auto_decompress=False,
                 timeout=self._timeout,
             ) as upstream:
-                request["upstream_status"] = upstream.status
+                request[UPSTREAM_STATUS] = upstream.status
                 return await self.relay(request, upstream)
         except UpstreamAborted:
             raise

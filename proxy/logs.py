@@ -64,11 +64,21 @@ def redact_secrets(
     return event_dict
 
 
+class _CurrentStdout:
+    """Writes to whatever ``sys.stdout`` is at the time (test runners swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
 def configure_logging(
     fmt: LogFormat = "json", level: str = "info", stream: TextIO | None = None
 ) -> None:
     """Route structlog, stdlib logging and warnings to ``stream`` in one format."""
-    out = stream if stream is not None else sys.stdout
+    out: Any = stream if stream is not None else _CurrentStdout()
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,

@@ -173,7 +173,10 @@ class TokenFetcher:
 
     async def fetch(self, country: Country) -> Token:
         creds = country.credentials
-        auth = aiohttp.BasicAuth(creds.client_id, creds.client_secret.reveal())
+        headers = {
+            **self._headers,
+            "Authorization": aiohttp.encode_basic_auth(creds.client_id, creds.client_secret.reveal()),
+        }
         form = {
             "grant_type": "client_credentials",
             "audience": country.audience,
@@ -186,7 +189,7 @@ class TokenFetcher:
             sent_at = self._clock()
             try:
                 async with self._session.post(
-                    token_url, data=form, auth=auth, headers=self._headers, timeout=timeout,
+                    token_url, data=form, headers=headers, timeout=timeout,
                     allow_redirects=False,
                 ) as resp:
                     body = await resp.content.read(MAX_TOKEN_RESPONSE)
@@ -223,6 +226,8 @@ class TokenStatus:
     last_error: str | None
     fetches: int
     failures: int
+    #: Requests that had to wait for a fetch (only first use, or after an outage, in steady state).
+    waits: int
 
 
 class TokenProvider(Protocol):
@@ -249,6 +254,7 @@ class _KeyState:
     countries: set[str] = field(default_factory=set)
     fetches: int = 0
     failures: int = 0
+    waits: int = 0
     consecutive_failures: int = 0
     retry_at: float = 0.0
     last_error: str | None = None
@@ -301,6 +307,7 @@ class LocalTokenProvider:
                     retry_after=max(1, math.ceil(state.retry_at - now)),
                 )
             task = self._start_fetch(key, country)
+        state.waits += 1
         try:
             return await asyncio.shield(task)
         except TokenFetchError as e:
@@ -371,6 +378,7 @@ class LocalTokenProvider:
                     last_error=st.last_error,
                     fetches=st.fetches,
                     failures=st.failures,
+                    waits=st.waits,
                 )
             )
         return out

@@ -1,0 +1,61 @@
+"""Control endpoints for tests and QA, under ``/_sandbox/``.
+
+They change or reveal the sandbox's state, so they answer only to loopback
+peers (127.0.0.0/8, ::1); anyone else gets 403. They never reveal a token or a
+client secret.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from aiohttp import web
+
+from proxy.sandbox.errors import ApiError
+from proxy.sandbox.keys import SANDBOX_STATE
+
+
+def is_loopback(remote: str | None) -> bool:
+    """Whether ``remote`` (a peer address as aiohttp reports it) is a loopback address."""
+    if not remote:
+        return False
+    try:
+        address = ipaddress.ip_address(remote.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _require_loopback(request: web.Request) -> None:
+    if not is_loopback(request.remote):
+        raise ApiError(403, "sandbox control endpoints answer only to loopback clients", "remote")
+
+
+async def stats(request: web.Request) -> web.Response:
+    """``GET /_sandbox/stats``: the state's counters (see ``SandboxState.stats``)."""
+    _require_loopback(request)
+    return web.json_response(request.app[SANDBOX_STATE].stats())
+
+
+async def reset(request: web.Request) -> web.Response:
+    """``POST /_sandbox/reset``: forget counters, tokens, records and files."""
+    _require_loopback(request)
+    request.app[SANDBOX_STATE].reset()
+    return web.json_response({"reset": True})
+
+
+async def revoke_tokens(request: web.Request) -> web.Response:
+    """``POST /_sandbox/tokens/revoke``: invalidate every issued token; says how many."""
+    _require_loopback(request)
+    revoked = request.app[SANDBOX_STATE].revoke_all_tokens()
+    return web.json_response({"revoked": revoked})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the control endpoints (route names start with ``control.``)."""
+    app.router.add_get("/_sandbox/stats", stats, name="control.stats")
+    app.router.add_post("/_sandbox/reset", reset, name="control.reset")
+    app.router.add_post("/_sandbox/tokens/revoke", revoke_tokens, name="control.revoke")
