@@ -54,6 +54,18 @@ class SecretRegistry:
 
 SECRETS = SecretRegistry()
 
+# Every sandbox the suite creates, whichever fixture builds it, registers its state so
+# that the tokens it issues are scanned for.
+_sandbox_state_init = SandboxState.__init__
+
+
+def _registering_init(self: SandboxState) -> None:
+    _sandbox_state_init(self)
+    SECRETS.states.append(self)
+
+
+SandboxState.__init__ = _registering_init  # type: ignore[method-assign]
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
@@ -136,7 +148,6 @@ def start_sandbox(aiohttp_server: ServerFactory) -> Callable[..., Awaitable[Runn
         app = build_sandbox_app(SandboxSettings(**settings), clock)
         server = await aiohttp_server(app, port=port)
         state = app[SANDBOX_STATE]
-        SECRETS.states.append(state)
         return RunningSandbox(url=str(server.make_url("")).rstrip("/"), state=state, server=server)
 
     return start
