@@ -26,7 +26,7 @@ from proxy.tokens import Clock, LocalTokenProvider, TokenFetcher, TokenProvider
 log = get_logger("proxy.access")
 
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
-TOKENS: web.AppKey[TokenProvider] = web.AppKey("tokens", TokenProvider)  # type: ignore[type-abstract]
+TOKENS: web.AppKey[TokenProvider] = web.AppKey("tokens", TokenProvider)
 FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder", Forwarder)
 UPSTREAM_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("upstream_session", aiohttp.ClientSession)
 
@@ -178,7 +178,9 @@ def build_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         upstream = upstream_session(config)
         auth = token_session(config)
-        provider = tokens or LocalTokenProvider(TokenFetcher(auth, config.tokens, clock), config.tokens, clock)
+        provider = tokens or LocalTokenProvider(
+            TokenFetcher(auth, config.tokens, clock), config.tokens, clock
+        )
         app[UPSTREAM_SESSION] = upstream
         app[TOKENS] = provider
         app[FORWARDER] = Forwarder(config, provider, upstream)

@@ -36,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", required=True, help="YAML configuration file")
-    serve.add_argument("--shutdown-grace", type=float, default=30.0,
-                       help="seconds in-flight requests get after SIGTERM (default 30)")
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get after SIGTERM (default 30)",
+    )
     _add_logging(serve)
 
     check = sub.add_parser("check-config", help="validate a configuration and print its routing table")

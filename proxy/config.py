@@ -200,9 +200,7 @@ class _Reader:
         if allowed is not None:
             for k in value:
                 if str(k) not in allowed:
-                    self.problems.append(
-                        f"{key}.{k}: unknown key (allowed: {', '.join(sorted(allowed))})"
-                    )
+                    self.problems.append(f"{key}.{k}: unknown key (allowed: {', '.join(sorted(allowed))})")
         return {str(k): v for k, v in value.items()}
 
     def string(self, m: Mapping[str, Any], name: str, key: str, default: str | None = None) -> str:
@@ -218,8 +216,16 @@ class _Reader:
             self.problems.append(f"{key}.{name}: must not be empty")
         return s
 
-    def number(self, m: Mapping[str, Any], name: str, key: str, default: float, *,
-               minimum: float = 0.0, integer: bool = False) -> float:
+    def number(
+        self,
+        m: Mapping[str, Any],
+        name: str,
+        key: str,
+        default: float,
+        *,
+        minimum: float = 0.0,
+        integer: bool = False,
+    ) -> float:
         v = m.get(name, default)
         if isinstance(v, str):  # values from ${VAR} arrive as strings
             try:
@@ -263,8 +269,9 @@ class _Reader:
         return u
 
 
-_TOP = frozenset({"listen", "credentials", "regions", "countries", "routing", "tokens",
-                  "upstream", "limits", "forwarded"})
+_TOP = frozenset(
+    {"listen", "credentials", "regions", "countries", "routing", "tokens", "upstream", "limits", "forwarded"}
+)
 
 
 def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
@@ -338,11 +345,13 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         region_name = r.string(cc, "region", key)
         region = regions.get(region_name)
         if region is None and region_name:
-            problems.append(f"{key}.region: unknown region {region_name!r} (known: {', '.join(sorted(regions)) or 'none'})")
+            known = ", ".join(sorted(regions)) or "none"
+            problems.append(f"{key}.region: unknown region {region_name!r} (known: {known})")
         cred_name = r.string(cc, "credentials", key, "default")
         cred = credentials.get(cred_name)
         if cred is None and cred_name:
-            problems.append(f"{key}.credentials: unknown credential set {cred_name!r} (known: {', '.join(sorted(credentials)) or 'none'})")
+            known = ", ".join(sorted(credentials)) or "none"
+            problems.append(f"{key}.credentials: unknown credential set {cred_name!r} (known: {known})")
         restapi = r.url(cc.get("restapi_url"), f"{key}.restapi_url")
         storage_raw = cc.get("storage_url")
         storage: URL | None
@@ -387,8 +396,11 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         problems.append("routing: enable country_header or path_prefix, or no request can be routed")
 
     d = TokenSettings()
-    tk = r.mapping(top.get("tokens"), "tokens", frozenset(
-        {"request_timeout", "refresh_ratio", "expiry_margin", "retry_after", "user_agent"}))
+    tk = r.mapping(
+        top.get("tokens"),
+        "tokens",
+        frozenset({"request_timeout", "refresh_ratio", "expiry_margin", "retry_after", "user_agent"}),
+    )
     ratio = r.number(tk, "refresh_ratio", "tokens", d.refresh_ratio, minimum=0.1)
     if ratio > 0.95:
         problems.append(f"tokens.refresh_ratio: must be at most 0.95, got {ratio}")
@@ -401,22 +413,44 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     )
 
     du = UpstreamSettings()
-    up = r.mapping(top.get("upstream"), "upstream", frozenset(
-        {"connect_timeout", "read_timeout", "max_connections_per_host", "max_connections",
-         "keepalive_timeout"}))
+    up = r.mapping(
+        top.get("upstream"),
+        "upstream",
+        frozenset(
+            {
+                "connect_timeout",
+                "read_timeout",
+                "max_connections_per_host",
+                "max_connections",
+                "keepalive_timeout",
+            }
+        ),
+    )
     upstream = UpstreamSettings(
         connect_timeout=r.number(up, "connect_timeout", "upstream", du.connect_timeout, minimum=0.1),
         read_timeout=r.number(up, "read_timeout", "upstream", du.read_timeout, minimum=0.1),
-        max_connections_per_host=int(r.number(up, "max_connections_per_host", "upstream",
-                                              du.max_connections_per_host, minimum=1, integer=True)),
-        max_connections=int(r.number(up, "max_connections", "upstream", du.max_connections,
-                                     minimum=1, integer=True)),
+        max_connections_per_host=int(
+            r.number(
+                up,
+                "max_connections_per_host",
+                "upstream",
+                du.max_connections_per_host,
+                minimum=1,
+                integer=True,
+            )
+        ),
+        max_connections=int(
+            r.number(up, "max_connections", "upstream", du.max_connections, minimum=1, integer=True)
+        ),
         keepalive_timeout=r.number(up, "keepalive_timeout", "upstream", du.keepalive_timeout),
     )
 
     li = r.mapping(top.get("limits"), "limits", frozenset({"max_body_size"}))
-    limits = Limits(max_body_size=int(r.number(li, "max_body_size", "limits",
-                                               Limits.max_body_size, minimum=0, integer=True)))
+    limits = Limits(
+        max_body_size=int(
+            r.number(li, "max_body_size", "limits", Limits.max_body_size, minimum=0, integer=True)
+        )
+    )
 
     fw = r.mapping(top.get("forwarded"), "forwarded", frozenset({"trusted_proxies"}))
     nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
@@ -446,6 +480,25 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     )
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false.
+
+    YAML 1.1 reads ``no``, ``on``, ``y``... as booleans, which would turn Norway's
+    country code ``no:`` into ``False``.
+    """
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML config file."""
     p = Path(path)
@@ -454,7 +507,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     except OSError as e:
         raise ConfigError([f"{p}: cannot read ({e.strerror})"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         raise ConfigError([f"{p}: not valid YAML ({e})"]) from None
     return parse_config(data, env)

@@ -89,7 +89,9 @@ def upstream_request_headers(
     ``X-Forwarded-*``/``Forwarded`` are kept and extended only when the peer is a
     trusted proxy; otherwise they are replaced, so a client cannot forge them.
     """
-    out = strip_hop_by_hop(incoming, drop | REQUEST_REPLACED | (frozenset() if trust_forwarded else FORWARDING))
+    out = strip_hop_by_hop(
+        incoming, drop | REQUEST_REPLACED | (frozenset() if trust_forwarded else FORWARDING)
+    )
     out["Host"] = upstream_host
     out["Authorization"] = authorization
     if peer:

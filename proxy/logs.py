@@ -44,9 +44,7 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         return _BEARER_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", value)
     if isinstance(value, dict):
-        return {
-            k: (REDACTED if str(k).lower() in SECRET_KEYS else _scrub(v)) for k, v in value.items()
-        }
+        return {k: (REDACTED if str(k).lower() in SECRET_KEYS else _scrub(v)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_scrub(v) for v in value]
     return value
@@ -74,9 +72,7 @@ class _CurrentStdout:
         sys.stdout.flush()
 
 
-def configure_logging(
-    fmt: LogFormat = "json", level: str = "info", stream: TextIO | None = None
-) -> None:
+def configure_logging(fmt: LogFormat = "json", level: str = "info", stream: TextIO | None = None) -> None:
     """Route structlog, stdlib logging and warnings to ``stream`` in one format."""
     out: Any = stream if stream is not None else _CurrentStdout()
     shared: list[Any] = [

@@ -46,9 +46,7 @@ def _known(countries: Mapping[str, Country]) -> str:
     return ", ".join(sorted(c.upper() for c in countries))
 
 
-def _header_country(
-    header: str, headers: MultiMapping[str], countries: Mapping[str, Country]
-) -> str | None:
+def _header_country(header: str, headers: MultiMapping[str], countries: Mapping[str, Country]) -> str | None:
     values = headers.getall(header, [])
     if not values:
         return None
@@ -100,9 +98,7 @@ def resolve_country(
     _check_segments(path)
 
     from_header = (
-        _header_country(routing.country_header, headers, countries)
-        if routing.country_header
-        else None
+        _header_country(routing.country_header, headers, countries) if routing.country_header else None
     )
 
     from_path: str | None = None
@@ -132,7 +128,8 @@ def resolve_country(
         if routing.country_header:
             ways.append(f"send the header {routing.country_header}: DE")
         raise RoutingError(
-            "the request names no country; " + " or ".join(ways)
+            "the request names no country; "
+            + " or ".join(ways)
             + f". Configured countries: {_known(countries)}"
         )
     source = "header+path" if from_header and from_path else ("path" if from_path else "header")

@@ -126,8 +126,10 @@ def parse_token_response(body: bytes, sent_at: float, url: str, settings: TokenS
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         raise TokenFetchError(f"{url}: token_type is not bearer")
     expires_in = doc.get("expires_in")
-    if isinstance(expires_in, bool) or not isinstance(expires_in, (int, float)) or not (
-        math.isfinite(expires_in) and expires_in >= 1
+    if (
+        isinstance(expires_in, bool)
+        or not isinstance(expires_in, (int, float))
+        or not (math.isfinite(expires_in) and expires_in >= 1)
     ):
         raise TokenFetchError(f"{url}: expires_in is missing or below 1 second")
     refresh_at, usable_until, expires_at = token_schedule(sent_at, float(expires_in), settings)
@@ -189,7 +191,10 @@ class TokenFetcher:
             sent_at = self._clock()
             try:
                 async with self._session.post(
-                    token_url, data=form, headers=headers, timeout=timeout,
+                    token_url,
+                    data=form,
+                    headers=headers,
+                    timeout=timeout,
                     allow_redirects=False,
                 ) as resp:
                     body = await resp.content.read(MAX_TOKEN_RESPONSE)
@@ -271,7 +276,9 @@ class LocalTokenProvider:
       backoff (1 s doubling to 30 s) has passed, instead of each hitting a dead server.
     """
 
-    def __init__(self, fetcher: TokenFetcher, settings: TokenSettings, clock: Clock, maxsize: int = 4096) -> None:
+    def __init__(
+        self, fetcher: TokenFetcher, settings: TokenSettings, clock: Clock, maxsize: int = 4096
+    ) -> None:
         self._fetcher = fetcher
         self._settings = settings
         self._clock = clock
@@ -339,15 +346,18 @@ class LocalTokenProvider:
             state.last_error = str(e)
             backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (state.consecutive_failures - 1))
             state.retry_at = self._clock() + backoff
-            log.error("token_fetch_failed", countries=sorted(state.countries), error=str(e),
-                      retry_in=backoff)
+            log.error("token_fetch_failed", countries=sorted(state.countries), error=str(e), retry_in=backoff)
             raise
         state.consecutive_failures = 0
         state.retry_at = 0.0
         state.last_error = None
         self._cache[key] = token
-        log.info("token_fetched", countries=sorted(state.countries), source=token.source_url,
-                 expires_in=round(token.expires_at - token.obtained_at, 3))
+        log.info(
+            "token_fetched",
+            countries=sorted(state.countries),
+            source=token.source_url,
+            expires_in=round(token.expires_at - token.obtained_at, 3),
+        )
         return token
 
     def invalidate(self, country: Country, rejected: Token) -> bool:

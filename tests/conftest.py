@@ -34,6 +34,7 @@ configure_logging("json", "debug")
 
 # --- secrets in output -----------------------------------------------------------------
 
+
 class SecretRegistry:
     """Every secret the suite creates: client secrets and every token a sandbox issued."""
 
@@ -72,7 +73,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """Fail any test phase whose captured output or error report contains a secret."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
-    text = "\n".join(content for _, content in report.sections)
+    # Sections accumulate over phases; scan only this phase's, so a leak is reported once.
+    text = "\n".join(content for name, content in report.sections if name.endswith(call.when))
     if report.longrepr is not None:
         text += "\n" + str(report.longrepr)
     leaked = SECRETS.leaks(text)
@@ -86,6 +88,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 # --- clocks ----------------------------------------------------------------------------
+
 
 class ManualClock:
     """A clock that moves only when told to."""
@@ -106,6 +109,7 @@ def clock() -> ManualClock:
 
 
 # --- servers ---------------------------------------------------------------------------
+
 
 @dataclass
 class RunningSandbox:
@@ -143,8 +147,9 @@ ServerFactory = Callable[..., Awaitable[TestServer]]
 
 @pytest.fixture
 def start_sandbox(aiohttp_server: ServerFactory) -> Callable[..., Awaitable[RunningSandbox]]:
-    async def start(clock: Callable[[], float] = time.time, port: int | None = None,
-                    **settings: Any) -> RunningSandbox:
+    async def start(
+        clock: Callable[[], float] = time.time, port: int | None = None, **settings: Any
+    ) -> RunningSandbox:
         app = build_sandbox_app(SandboxSettings(**settings), clock)
         server = await aiohttp_server(app, port=port)
         state = app[SANDBOX_STATE]
@@ -184,7 +189,9 @@ def config_dict(
                 "environment_id": DEFAULT_CLIENT.environment_id,
             }
         },
-        "regions": {"emea": {"token_urls": token_urls or [sandbox.token_url("idp"), sandbox.token_url("emea")]}},
+        "regions": {
+            "emea": {"token_urls": token_urls or [sandbox.token_url("idp"), sandbox.token_url("emea")]}
+        },
         "countries": {cc: {"region": "emea", "restapi_url": url} for cc, url in countries.items()},
         "routing": {"country_header": "X-InCountry-Country", "path_prefix": True},
     }
@@ -212,13 +219,15 @@ async def proxy(start_proxy: Callable[..., Awaitable[RunningProxy]], sandbox: Ru
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """A plain client: no decompression, no cookie jar, so tests see bytes as sent."""
     async with aiohttp.ClientSession(
-        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
         connector=aiohttp.TCPConnector(limit=0),
     ) as session:
         yield session
 
 
 # --- the proxy as a separate process -------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -250,7 +259,9 @@ def start_proxy_process(tmp_path: Path) -> Iterator[Callable[..., Awaitable[Prox
         with log_path.open("wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "serve", "--config", str(cfg), *extra_args],
-                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         running = ProxyProcess(url=f"http://127.0.0.1:{port}", process=proc, log_path=log_path)

@@ -23,7 +23,9 @@ PROBLEM = "application/problem+json"
 
 
 @pytest.fixture
-async def up_proxy(start_proxy: StartProxy, sandbox: RunningSandbox, upstream: RunningUpstream) -> RunningProxy:
+async def up_proxy(
+    start_proxy: StartProxy, sandbox: RunningSandbox, upstream: RunningUpstream
+) -> RunningProxy:
     """A proxy whose DE and AU point at the test upstream (base path /up/{cc})."""
     return await start_proxy(
         config_dict(sandbox, countries={"de": upstream.restapi_url("de"), "au": upstream.restapi_url("au")})
@@ -41,6 +43,7 @@ async def problem(resp: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
 
 # --- through the sandbox: the product's real job ---------------------------------------
 
+
 async def test_prefix_and_header_routes_reach_the_sandbox_with_a_token(
     proxy: RunningProxy, sandbox: RunningSandbox, http: aiohttp.ClientSession
 ) -> None:
@@ -51,8 +54,9 @@ async def test_prefix_and_header_routes_reach_the_sandbox_with_a_token(
     assert created["record_key"] == "k1" and created["version"] == 1
 
     find = {"filter": {"key1": "alice"}, "options": {"limit": 10}}
-    async with http.post(f"{proxy.url}/api/records/find", json=find,
-                         headers={"X-InCountry-Country": "DE"}) as r:
+    async with http.post(
+        f"{proxy.url}/api/records/find", json=find, headers={"X-InCountry-Country": "DE"}
+    ) as r:
         assert r.status == 200
         found = await r.json()
     assert [d["record_key"] for d in found["data"]] == ["k1"]
@@ -67,9 +71,7 @@ async def test_prefix_and_header_routes_reach_the_sandbox_with_a_token(
     assert sandbox.state.token_requests == 2
 
 
-async def test_file_upload_and_download_round_trip(
-    proxy: RunningProxy, http: aiohttp.ClientSession
-) -> None:
+async def test_file_upload_and_download_round_trip(proxy: RunningProxy, http: aiohttp.ClientSession) -> None:
     async with http.post(f"{proxy.url}/de/api/records", json={"record_key": "f1"}) as r:
         assert r.status == 201
     payload = bytes(range(256)) * 4096
@@ -87,8 +89,9 @@ async def test_file_upload_and_download_round_trip(
 async def test_conflicting_header_and_prefix_is_refused_before_any_token(
     proxy: RunningProxy, sandbox: RunningSandbox, http: aiohttp.ClientSession
 ) -> None:
-    async with http.post(f"{proxy.url}/de/api/records", json={"record_key": "x"},
-                         headers={"X-InCountry-Country": "au"}) as r:
+    async with http.post(
+        f"{proxy.url}/de/api/records", json={"record_key": "x"}, headers={"X-InCountry-Country": "au"}
+    ) as r:
         doc = await problem(r, 400)
     assert "DE" in doc["detail"] and "AU" in doc["detail"]
     assert doc["hop"] == "routing"
@@ -106,8 +109,12 @@ async def test_conflicting_header_and_prefix_is_refused_before_any_token(
     ],
 )
 async def test_unroutable_requests_get_400_problem(
-    proxy: RunningProxy, sandbox: RunningSandbox, http: aiohttp.ClientSession,
-    path: str, headers: dict[str, str], needle: str,
+    proxy: RunningProxy,
+    sandbox: RunningSandbox,
+    http: aiohttp.ClientSession,
+    path: str,
+    headers: dict[str, str],
+    needle: str,
 ) -> None:
     url = URL(f"{proxy.url}{path}", encoded=True)  # keep dot segments as sent
     async with http.post(url, json={}, headers=headers) as r:
@@ -120,7 +127,9 @@ async def test_token_unavailable_gives_503_with_retry_after_and_nothing_forwarde
     start_proxy: StartProxy, sandbox: RunningSandbox, upstream: RunningUpstream, http: aiohttp.ClientSession
 ) -> None:
     dead = f"http://127.0.0.1:{unused_port()}/oauth2/token/"
-    proxy = await start_proxy(config_dict(sandbox, countries={"de": upstream.restapi_url("de")}, token_urls=[dead]))
+    proxy = await start_proxy(
+        config_dict(sandbox, countries={"de": upstream.restapi_url("de")}, token_urls=[dead])
+    )
     async with http.get(f"{proxy.url}/de/echo") as r:
         doc = await problem(r, 503)
         assert int(r.headers["Retry-After"]) >= 1
@@ -160,6 +169,7 @@ async def test_second_token_url_is_used_when_the_first_refuses_connections(
 
 # --- forwarding rules, against the test upstream ----------------------------------------
 
+
 async def test_request_headers_are_rewritten(
     up_proxy: RunningProxy, upstream: RunningUpstream, http: aiohttp.ClientSession
 ) -> None:
@@ -176,8 +186,9 @@ async def test_request_headers_are_rewritten(
         "X-Custom": "kept",
         "User-Agent": "legacy-app/1.0",
     }
-    async with http.get(f"{up_proxy.url}/de/echo", headers=headers,
-                        skip_auto_headers=["Accept", "Accept-Encoding"]) as r:
+    async with http.get(
+        f"{up_proxy.url}/de/echo", headers=headers, skip_auto_headers=["Accept", "Accept-Encoding"]
+    ) as r:
         assert r.status == 200
         seen = await r.json()
     got = {k.lower(): v for k, v in seen["headers"]}
@@ -198,8 +209,11 @@ async def test_request_headers_are_rewritten(
 async def test_no_auto_user_agent_or_content_type(
     up_proxy: RunningProxy, http: aiohttp.ClientSession
 ) -> None:
-    async with http.post(f"{up_proxy.url}/de/echo", data=b"raw",
-                         skip_auto_headers=["User-Agent", "Content-Type", "Accept", "Accept-Encoding"]) as r:
+    async with http.post(
+        f"{up_proxy.url}/de/echo",
+        data=b"raw",
+        skip_auto_headers=["User-Agent", "Content-Type", "Accept", "Accept-Encoding"],
+    ) as r:
         got = {k.lower() for k, _ in (await r.json())["headers"]}
     assert "user-agent" not in got and "content-type" not in got
 
@@ -214,9 +228,7 @@ async def test_raw_path_and_query_pass_unchanged_and_prefix_is_stripped(
     assert seen["raw_path"] == "/up/de/echo/a%2Fb/%C3%A9?q=a%20b&q=c+d&empty=&x=%2F"
 
 
-async def test_methods_and_body_pass_unchanged(
-    up_proxy: RunningProxy, http: aiohttp.ClientSession
-) -> None:
+async def test_methods_and_body_pass_unchanged(up_proxy: RunningProxy, http: aiohttp.ClientSession) -> None:
     body = b"\x00\x01binary" * 1000
     for method in ("POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
         async with http.request(method, f"{up_proxy.url}/de/echo", data=body) as r:
@@ -259,8 +271,11 @@ async def test_gzip_response_passes_byte_for_byte(
 
 async def test_gzip_upload_is_not_inflated(up_proxy: RunningProxy, http: aiohttp.ClientSession) -> None:
     compressed = gzip.compress(b"x" * 100_000, mtime=0)
-    async with http.post(f"{up_proxy.url}/de/echo", data=compressed,
-                         headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}) as r:
+    async with http.post(
+        f"{up_proxy.url}/de/echo",
+        data=compressed,
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    ) as r:
         seen = await r.json()
     assert seen["body_len"] == len(compressed)
     assert seen["body_sha256"] == hashlib.sha256(compressed).hexdigest()
@@ -308,15 +323,17 @@ async def test_connect_failure_is_502_problem(
 async def test_upstream_timeout_is_504_problem(
     start_proxy: StartProxy, sandbox: RunningSandbox, upstream: RunningUpstream, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(config_dict(
-        sandbox, countries={"de": upstream.restapi_url("de")}, upstream={"read_timeout": 0.3}))
+    proxy = await start_proxy(
+        config_dict(sandbox, countries={"de": upstream.restapi_url("de")}, upstream={"read_timeout": 0.3})
+    )
     async with http.get(f"{proxy.url}/de/slow?delay=2") as r:
         doc = await problem(r, 504)
     assert doc["hop"] == "upstream_timeout"
 
 
-async def test_trace_is_refused(up_proxy: RunningProxy, upstream: RunningUpstream,
-                                http: aiohttp.ClientSession) -> None:
+async def test_trace_is_refused(
+    up_proxy: RunningProxy, upstream: RunningUpstream, http: aiohttp.ClientSession
+) -> None:
     async with http.request("TRACE", f"{up_proxy.url}/de/echo") as r:
         await problem(r, 405)
     assert upstream.state.requests == []
@@ -325,8 +342,9 @@ async def test_trace_is_refused(up_proxy: RunningProxy, upstream: RunningUpstrea
 async def test_body_over_limit_gets_413(
     start_proxy: StartProxy, sandbox: RunningSandbox, upstream: RunningUpstream, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(config_dict(
-        sandbox, countries={"de": upstream.restapi_url("de")}, limits={"max_body_size": 1000}))
+    proxy = await start_proxy(
+        config_dict(sandbox, countries={"de": upstream.restapi_url("de")}, limits={"max_body_size": 1000})
+    )
     async with http.post(f"{proxy.url}/de/echo", data=b"x" * 1001) as r:
         await problem(r, 413)
 

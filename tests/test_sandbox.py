@@ -108,9 +108,7 @@ class Sandbox:
     ) -> tuple[int, Any, aiohttp.ClientResponse]:
         """Call ``/{cc}{path}`` with a valid token; return status, JSON (or bytes), response."""
         headers = {**(await self.headers(cc)), **kwargs.pop("headers", {})}
-        async with self.session.request(
-            method, self.url(f"/{cc}{path}"), headers=headers, **kwargs
-        ) as resp:
+        async with self.session.request(method, self.url(f"/{cc}{path}"), headers=headers, **kwargs) as resp:
             raw = await resp.read()
             body: Any = await resp.json() if resp.content_type == "application/json" else raw
             return resp.status, body, resp
@@ -133,9 +131,7 @@ async def session() -> AsyncIterator[ClientSession]:
 
 @pytest.fixture
 def make_sandbox(aiohttp_server: AiohttpServer, session: ClientSession) -> SandboxFactory:
-    async def factory(
-        app_hook: Callable[[web.Application], None] | None = None, **settings: Any
-    ) -> Sandbox:
+    async def factory(app_hook: Callable[[web.Application], None] | None = None, **settings: Any) -> Sandbox:
         clock = FakeClock()
         sandbox_settings = SandboxSettings(**settings)
         app = build_sandbox_app(sandbox_settings, clock)
@@ -198,9 +194,7 @@ async def test_token_lifetime_comes_from_settings(make_sandbox: SandboxFactory) 
     "path", ["/oauth2/token/", "/oauth2/token", "/idp/oauth2/token/", "/emea/oauth2/token"]
 )
 async def test_every_token_path_issues_and_is_counted(sandbox: Sandbox, path: str) -> None:
-    async with sandbox.session.post(
-        sandbox.url(path), data=sandbox.token_form(), headers=GOOD_AUTH
-    ) as resp:
+    async with sandbox.session.post(sandbox.url(path), data=sandbox.token_form(), headers=GOOD_AUTH) as resp:
         assert resp.status == 200
         token = (await resp.json())["access_token"]
     assert sandbox.state.token_requests_by_path == {path: 1}
@@ -318,9 +312,7 @@ async def test_each_client_has_its_own_scope(make_sandbox: SandboxFactory) -> No
     other = SandboxClient("other-client", "other-secret", "other-env")
     sandbox = await make_sandbox(clients=(DEFAULT_CLIENT, other))
     auth = basic(other.client_id, other.client_secret)
-    async with sandbox.session.post(
-        sandbox.url(TOKEN_PATH), data=sandbox.token_form(), headers=auth
-    ) as resp:
+    async with sandbox.session.post(sandbox.url(TOKEN_PATH), data=sandbox.token_form(), headers=auth) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"] == "invalid_scope"
     async with sandbox.session.post(
@@ -398,9 +390,7 @@ async def test_token_for_one_country_is_rejected_by_another(sandbox: Sandbox) ->
     de = await sandbox.headers("de")
     status, _, _ = await sandbox.api("POST", "/api/records/find", "de", json={})
     assert status == 200
-    async with sandbox.session.post(
-        sandbox.url("/au/api/records/find"), json={}, headers=de
-    ) as resp:
+    async with sandbox.session.post(sandbox.url("/au/api/records/find"), json={}, headers=de) as resp:
         assert resp.status == 401
         body = await resp.json()
     assert_api_error(body, "Unauthorized", "audience")
@@ -601,9 +591,7 @@ async def test_find_pagination_and_stable_order(sandbox: Sandbox) -> None:
         ({"flter": {}}, "flter"),
     ],
 )
-async def test_find_rejects_bad_queries(
-    sandbox: Sandbox, query: dict[str, Any], fragment: str
-) -> None:
+async def test_find_rejects_bad_queries(sandbox: Sandbox, query: dict[str, Any], fragment: str) -> None:
     status, body = await _find(sandbox, query)
     assert status == 400
     assert_api_error(body, "Bad Request", fragment)
@@ -658,9 +646,7 @@ async def test_file_upload_download_round_trip(sandbox: Sandbox) -> None:
     assert meta["mime_type"] == "application/pdf"
     assert meta["file_id"]
 
-    status, downloaded, resp = await sandbox.api(
-        "GET", f"/webapi/records/rec/files/{meta['file_id']}"
-    )
+    status, downloaded, resp = await sandbox.api("GET", f"/webapi/records/rec/files/{meta['file_id']}")
     assert status == 200
     assert downloaded == data
     assert resp.headers["Content-Type"] == "application/pdf"
@@ -673,8 +659,7 @@ async def test_file_upload_download_round_trip(sandbox: Sandbox) -> None:
 def test_content_disposition_escapes_awkward_names() -> None:
     value = content_disposition('résumé "final".pdf')
     assert value == (
-        'attachment; filename="r_sum_ _final_.pdf"; '
-        "filename*=UTF-8''r%C3%A9sum%C3%A9%20%22final%22.pdf"
+        "attachment; filename=\"r_sum_ _final_.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%22final%22.pdf"
     )
 
 
@@ -693,9 +678,7 @@ async def test_x_filename_header_overrides_part_name(sandbox: Sandbox) -> None:
 
 
 async def test_upload_to_missing_record_is_404(sandbox: Sandbox) -> None:
-    status, body, _ = await sandbox.api(
-        "POST", "/webapi/records/nope/files", data=_file_form(b"data")
-    )
+    status, body, _ = await sandbox.api("POST", "/webapi/records/nope/files", data=_file_form(b"data"))
     assert status == 404
     assert_api_error(body, "Not Found", "record")
     assert sandbox.state.files == {}
@@ -705,16 +688,12 @@ async def test_upload_to_missing_record_is_404(sandbox: Sandbox) -> None:
 async def test_oversize_upload_is_413(make_sandbox: SandboxFactory) -> None:
     sandbox = await make_sandbox(max_file_size=1024)
     await sandbox.create(record_key="rec")
-    status, body, _ = await sandbox.api(
-        "POST", "/webapi/records/rec/files", data=_file_form(b"x" * 4096)
-    )
+    status, body, _ = await sandbox.api("POST", "/webapi/records/rec/files", data=_file_form(b"x" * 4096))
     assert status == 413
     assert_api_error(body, "Request Entity Too Large", "1024")
     assert sandbox.state.files.get("de", {}).get("rec", {}) == {}
     # Exactly at the limit is fine.
-    status, meta, _ = await sandbox.api(
-        "POST", "/webapi/records/rec/files", data=_file_form(b"y" * 1024)
-    )
+    status, meta, _ = await sandbox.api("POST", "/webapi/records/rec/files", data=_file_form(b"y" * 1024))
     assert status == 201
     assert meta["size"] == 1024
 

@@ -49,10 +49,13 @@ class RssSampler:
 @pytest.fixture
 async def proxy_process(
     start_proxy_process: Callable[..., Awaitable[ProxyProcess]],
-    sandbox: RunningSandbox, upstream: RunningUpstream, http: aiohttp.ClientSession,
+    sandbox: RunningSandbox,
+    upstream: RunningUpstream,
+    http: aiohttp.ClientSession,
 ) -> ProxyProcess:
-    proc = await start_proxy_process(config_dict(
-        sandbox, countries={"de": upstream.restapi_url("de")}, limits={"max_body_size": 2 * SIZE}))
+    proc = await start_proxy_process(
+        config_dict(sandbox, countries={"de": upstream.restapi_url("de")}, limits={"max_body_size": 2 * SIZE})
+    )
     # Warm up: token fetched, pools and code paths loaded, before the baseline is taken.
     for _ in range(3):
         async with http.post(f"{proc.url}/de/echo", data=b"x" * 1_000_000) as r:
@@ -91,8 +94,9 @@ async def test_200mb_chunked_upload_streams_with_flat_rss(
             yield chunk
 
     with RssSampler(proxy_process.process.pid) as rss:
-        async with http.post(f"{proxy_process.url}/de/echo", data=body(),
-                             headers={"Content-Type": "application/octet-stream"}) as r:
+        async with http.post(
+            f"{proxy_process.url}/de/echo", data=body(), headers={"Content-Type": "application/octet-stream"}
+        ) as r:
             assert r.status == 200
             seen = await r.json()
     assert seen["body_len"] == SIZE

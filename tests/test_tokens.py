@@ -92,7 +92,9 @@ async def make_provider(clock: ManualClock) -> AsyncIterator[ProviderFactory]:
     sessions: list[aiohttp.ClientSession] = []
     providers: list[LocalTokenProvider] = []
 
-    async def make(sandbox: RunningSandbox, token_urls: list[str] | None = None) -> tuple[LocalTokenProvider, Country]:
+    async def make(
+        sandbox: RunningSandbox, token_urls: list[str] | None = None
+    ) -> tuple[LocalTokenProvider, Country]:
         config = parse_config(config_dict(sandbox, token_urls=token_urls), env={})
         session = aiohttp.ClientSession()
         sessions.append(session)
@@ -182,9 +184,7 @@ async def test_invalidate_drops_only_the_rejected_token(
     assert sandbox.state.token_requests == 2
 
 
-async def test_failover_to_second_url(
-    sandbox: RunningSandbox, make_provider: ProviderFactory
-) -> None:
+async def test_failover_to_second_url(sandbox: RunningSandbox, make_provider: ProviderFactory) -> None:
     dead = f"http://127.0.0.1:{free_port()}/oauth2/token/"
     provider, de = await make_provider(sandbox, token_urls=[dead, sandbox.token_url("emea")])
     token = await provider.get(de)
@@ -192,7 +192,9 @@ async def test_failover_to_second_url(
 
 
 async def test_outage_backs_off_then_recovers(
-    sandbox: RunningSandbox, make_provider: ProviderFactory, clock: ManualClock,
+    sandbox: RunningSandbox,
+    make_provider: ProviderFactory,
+    clock: ManualClock,
     start_sandbox: Callable[..., Awaitable[RunningSandbox]],
 ) -> None:
     provider, de = await make_provider(sandbox)
@@ -234,6 +236,7 @@ async def test_valid_token_kept_while_refresh_fails_but_expired_one_never_used(
 
 # --- through the proxy ---------------------------------------------------------------------
 
+
 class TokenGate:
     """A token URL that holds every request until released, then relays it to the sandbox."""
 
@@ -246,13 +249,19 @@ class TokenGate:
         self.calls += 1
         body = await request.read()
         await self.release.wait()
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type", "user-agent")}
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() in ("authorization", "content-type", "user-agent")
+        }
         async with aiohttp.ClientSession() as s, s.post(self.target, data=body, headers=headers) as r:
             return web.Response(status=r.status, body=await r.read(), content_type="application/json")
 
 
 async def test_1000_concurrent_first_requests_cause_one_token_fetch(
-    aiohttp_server: Any, sandbox: RunningSandbox, start_proxy: Callable[..., Awaitable[RunningProxy]],
+    aiohttp_server: Any,
+    sandbox: RunningSandbox,
+    start_proxy: Callable[..., Awaitable[RunningProxy]],
     http: aiohttp.ClientSession,
 ) -> None:
     gate = TokenGate(sandbox.token_url("idp"))

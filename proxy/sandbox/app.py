@@ -48,9 +48,7 @@ _BODY_HEADROOM = 1024 * 1024
 _ISSUER_SEGMENT = "{name:[A-Za-z0-9._~-]+}"
 
 
-def build_sandbox_app(
-    settings: SandboxSettings, clock: Callable[[], float] = time.time
-) -> web.Application:
+def build_sandbox_app(settings: SandboxSettings, clock: Callable[[], float] = time.time) -> web.Application:
     """A fresh sandbox application with empty state.
 
     ``clock`` (seconds since the epoch) decides token expiry and record
@@ -210,8 +208,7 @@ async def run_sandbox(settings: SandboxSettings) -> None:
             restapi_url=example,
             audience_example=f"{example} {example}",
             clients=[
-                {"client_id": c.client_id, "environment_id": c.environment_id}
-                for c in settings.clients
+                {"client_id": c.client_id, "environment_id": c.environment_id} for c in settings.clients
             ],
             expires_in=settings.expires_in,
         )

@@ -25,9 +25,7 @@ FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 GRANT_TYPE = "client_credentials"
 
 _INVALID_CLIENT_HEADERS = {"WWW-Authenticate": 'Basic realm="incountry"'}
-_INVALID_CLIENT_HINT = (
-    "Send HTTP Basic authentication with a registered client_id and its client_secret."
-)
+_INVALID_CLIENT_HINT = "Send HTTP Basic authentication with a registered client_id and its client_secret."
 
 
 @dataclass(frozen=True)
@@ -158,10 +156,7 @@ def parse_audience(audience: str) -> tuple[str, str]:
     http(s) URLs separated by exactly one space, and ``invalid_target`` when the
     second URL is not the first with ``-restapi`` removed.
     """
-    hint = (
-        "Send audience='{restapi_url} {storage_url}', "
-        "storage_url being restapi_url minus '-restapi'."
-    )
+    hint = "Send audience='{restapi_url} {storage_url}', storage_url being restapi_url minus '-restapi'."
     if not audience:
         raise OAuthError("invalid_request", "The audience parameter is missing", hint)
     parts = audience.split(" ")
@@ -213,9 +208,7 @@ def _authenticate_client(header: str | None, settings: SandboxSettings) -> Sandb
     }
     for client_id, secret in candidates:
         client = settings.client(client_id)
-        if client is not None and secrets.compare_digest(
-            secret.encode(), client.client_secret.encode()
-        ):
+        if client is not None and secrets.compare_digest(secret.encode(), client.client_secret.encode()):
             return client
     raise _invalid_client("Client authentication failed")
 
@@ -236,6 +229,4 @@ def _decode_basic(header: str) -> tuple[str, str]:
 
 
 def _invalid_client(description: str) -> OAuthError:
-    return OAuthError(
-        "invalid_client", description, _INVALID_CLIENT_HINT, 401, _INVALID_CLIENT_HEADERS
-    )
+    return OAuthError("invalid_client", description, _INVALID_CLIENT_HINT, 401, _INVALID_CLIENT_HEADERS)

@@ -30,9 +30,7 @@ STRING_FIELDS = (
 WRITABLE_FIELDS = frozenset({"record_key", "country", *STRING_FIELDS, *RANGE_KEY_FIELDS})
 
 # Which fields ``find`` can filter on, and whether they are numeric.
-FILTERABLE_TEXT = frozenset(
-    {"record_key", "profile_key", "parent_key", *KEY_FIELDS, *SERVICE_KEY_FIELDS}
-)
+FILTERABLE_TEXT = frozenset({"record_key", "profile_key", "parent_key", *KEY_FIELDS, *SERVICE_KEY_FIELDS})
 FILTERABLE_NUMBERS = frozenset({*RANGE_KEY_FIELDS, "version"})
 
 MAX_LIMIT = 100
@@ -67,14 +65,11 @@ def validate_record(payload: object, country: str) -> dict[str, Any]:
 
     record_key = payload.get("record_key")
     if not isinstance(record_key, str) or not record_key:
-        raise ApiError(
-            400, "record_key is required and must be a non-empty string", "body.record_key"
-        )
+        raise ApiError(400, "record_key is required and must be a non-empty string", "body.record_key")
     if "country" in payload and payload["country"] != country:
         raise ApiError(
             400,
-            f"country must be {country!r} (lower case) for this endpoint, got "
-            f"{payload['country']!r}",
+            f"country must be {country!r} (lower case) for this endpoint, got {payload['country']!r}",
             "body.country",
         )
 
@@ -124,8 +119,7 @@ def parse_find(payload: object, country: str) -> FindQuery:
     if "country" in payload and payload["country"] != country:
         raise ApiError(
             400,
-            f"country must be {country!r} (lower case) for this endpoint, got "
-            f"{payload['country']!r}",
+            f"country must be {country!r} (lower case) for this endpoint, got {payload['country']!r}",
             "body.country",
         )
 
@@ -150,9 +144,7 @@ def parse_find(payload: object, country: str) -> FindQuery:
         )
     limit = options.get("limit", MAX_LIMIT)
     if not _is_int(limit) or not 1 <= limit <= MAX_LIMIT:
-        raise ApiError(
-            400, f"options.limit must be an integer from 1 to {MAX_LIMIT}", "body.options.limit"
-        )
+        raise ApiError(400, f"options.limit must be an integer from 1 to {MAX_LIMIT}", "body.options.limit")
     offset = options.get("offset", 0)
     if not _is_int(offset) or offset < 0:
         raise ApiError(400, "options.offset must be a non-negative integer", "body.options.offset")
@@ -191,9 +183,7 @@ def _predicate(name: str, condition: object) -> Predicate:
             raise ApiError(400, f"empty operator object for {name}", source)
         if "$not" in condition:
             if len(condition) != 1:
-                raise ApiError(
-                    400, f"$not cannot be combined with other operators ({name})", source
-                )
+                raise ApiError(400, f"$not cannot be combined with other operators ({name})", source)
             excluded = check_choices(condition["$not"])
             return lambda r: _field_value(r, name) not in excluded
         if not numeric:

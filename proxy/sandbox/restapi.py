@@ -64,17 +64,13 @@ def unauthorized_response(detail: str) -> web.Response:
 
 def timestamp(now: float) -> str:
     """ISO 8601 UTC with milliseconds, e.g. ``2024-04-01T12:00:00.000Z``."""
-    return (
-        datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+    return datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def read_json(request: web.Request) -> object:
     """The JSON body of ``request``, or :class:`ApiError` (415 wrong type, 400 bad JSON)."""
     if request.content_type != "application/json":
-        raise ApiError(
-            415, f"Content-Type must be application/json, got {request.content_type}", "headers"
-        )
+        raise ApiError(415, f"Content-Type must be application/json, got {request.content_type}", "headers")
     try:
         return await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -134,9 +130,7 @@ async def delete_record(request: web.Request) -> web.Response:
     country = request[COUNTRY]
     path_country = request.match_info["country"]
     if path_country != country:
-        raise ApiError(
-            400, f"country in the path must be {country!r}, got {path_country!r}", "path.country"
-        )
+        raise ApiError(400, f"country in the path must be {country!r}, got {path_country!r}", "path.country")
     record_key = request.match_info["record_key"]
     if not request.app[SANDBOX_STATE].delete_record(country, record_key):
         raise ApiError(404, "record not found", "path.record_key")
