@@ -28,6 +28,7 @@ INCOUNTRY_CONNECTIONS_PER_IP = 25
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _COUNTRY_RE = re.compile(r"^[a-z]{2}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_USERINFO_RE = re.compile(r"^[^/?#]*//[^/?#]*@|^[^/?#:]*:[^/?#]*@")
 _HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
@@ -170,8 +171,10 @@ def expand_env(value: Any, key: str, env: Mapping[str, str], problems: list[str]
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
-            if name in env:
-                return env[name]
+            value = env.get(name)
+            # As in POSIX shells, ":-" applies to unset *and* empty variables.
+            if value is not None and (value or default is None):
+                return value
             if default is not None:
                 return default
             problems.append(f"{key}: environment variable {name} is not set")
@@ -249,6 +252,10 @@ class _Reader:
         return v
 
     def url(self, raw: Any, key: str) -> URL | None:
+        if isinstance(raw, str) and _USERINFO_RE.search(raw):
+            # Checked first, and never echoed: the URL may carry a password.
+            self.problems.append(f"{key}: must not contain credentials (user:password@)")
+            return None
         if not isinstance(raw, str) or not raw.strip():
             self.problems.append(f"{key}: must be an absolute http(s) URL string")
             return None

@@ -69,6 +69,8 @@ def is_trusted(peer: str | None, trusted: tuple[ipaddress.IPv4Network | ipaddres
         addr = ipaddress.ip_address(peer)
     except ValueError:
         return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
     return any(addr in net for net in trusted)
 
 
@@ -95,7 +97,7 @@ def upstream_request_headers(
     out["Host"] = upstream_host
     out["Authorization"] = authorization
     if peer:
-        prior = out.get("X-Forwarded-For")
+        prior = ", ".join(out.getall("X-Forwarded-For", []))
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
     if "X-Forwarded-Proto" not in out:
         out["X-Forwarded-Proto"] = client_proto

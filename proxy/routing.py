@@ -69,8 +69,10 @@ def _header_country(header: str, headers: MultiMapping[str], countries: Mapping[
 
 
 def _check_segments(path: str) -> None:
-    for seg in path.split("/"):
-        if unquote(seg) in (".", ".."):
+    # Decode first: "%2e%2e%2f" hides a dot segment behind an encoded slash, and some
+    # servers treat a backslash as a separator too.
+    for seg in re.split(r"[/\\]", unquote(path)):
+        if seg in (".", ".."):
             raise RoutingError(
                 "the path contains a '.' or '..' segment; send a normalised path "
                 "(dot segments could move a request to another country's base path)"
