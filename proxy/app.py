@@ -6,6 +6,7 @@ every other path is forwarded. The handler only wires pure policy to I/O.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -18,7 +19,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.config import Config
 from proxy.errors import ProxyError
-from proxy.forward import ROUTE, UPSTREAM_STATUS, Forwarder, UpstreamAborted
+from proxy.forward import REPLAYED, ROUTE, UPSTREAM_STATUS, Forwarder, UpstreamAborted
 from proxy.logs import get_logger
 from proxy.problems import problem_response
 from proxy.tokens import Clock, LocalTokenProvider, TokenFetcher, TokenProvider
@@ -66,6 +67,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ProxyError as e:
         status = e.status
         return problem_response(e, request_id=request_id)
+    except asyncio.CancelledError:
+        status = 499  # the client closed the connection; nginx's convention
+        raise
     except UpstreamAborted as e:
         status = 0
         log.warning("transfer_aborted", request_id=request_id, reason=str(e))
@@ -90,6 +94,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             country=route.country.code if route else None,
             route_source=route.source if route else None,
             upstream_status=request.get(UPSTREAM_STATUS),
+            replayed=request.get(REPLAYED, False),
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             peer=request.remote,
         )
@@ -100,24 +105,50 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
+def _token_rows(provider: TokenProvider) -> list[dict[str, object]]:
+    return [
+        {
+            "countries": [c.upper() for c in s.countries],
+            "state": s.state,
+            "expires_in": s.expires_in,
+            "refresh_in": s.refresh_in,
+            "last_error": s.last_error,
+            "fetches": s.fetches,
+            "failures": s.failures,
+            "waits": s.waits,
+        }
+        for s in provider.status()
+    ]
+
+
 async def token_status(request: web.Request) -> web.Response:
     """Token health per country: state, seconds to expiry and refresh, last error. No token."""
-    statuses = request.app[TOKENS].status()
+    return web.json_response(
+        {"tokens": _token_rows(request.app[TOKENS])}, headers={"Cache-Control": "no-store"}
+    )
+
+
+async def status(request: web.Request) -> web.Response:
+    """Tokens, per-country admission counters and the upstream connection pool."""
+    forwarder = request.app[FORWARDER]
+    connector = request.app[UPSTREAM_SESSION].connector
+    # aiohttp keeps no public counters; these private ones are read defensively.
+    acquired = len(getattr(connector, "_acquired", ()))
+    idle = sum(len(v) for v in getattr(connector, "_conns", {}).values())
     return web.json_response(
         {
-            "tokens": [
-                {
-                    "countries": [c.upper() for c in s.countries],
-                    "state": s.state,
-                    "expires_in": s.expires_in,
-                    "refresh_in": s.refresh_in,
-                    "last_error": s.last_error,
-                    "fetches": s.fetches,
-                    "failures": s.failures,
-                    "waits": s.waits,
+            "tokens": _token_rows(request.app[TOKENS]),
+            "upstreams": {
+                cc.upper(): {
+                    "in_flight": q.stats.in_flight,
+                    "queued": q.stats.queued,
+                    "admitted": q.stats.admitted,
+                    "rejected": q.stats.rejected,
+                    "max_in_flight": q.stats.max_in_flight,
                 }
-                for s in statuses
-            ]
+                for cc, q in forwarder.quotas.items()
+            },
+            "pool": {"acquired": acquired, "idle": idle},
         },
         headers={"Cache-Control": "no-store"},
     )
@@ -132,7 +163,8 @@ def upstream_session(config: Config) -> aiohttp.ClientSession:
     up = config.upstream
     connector = aiohttp.TCPConnector(
         limit=up.max_connections,
-        limit_per_host=up.max_connections_per_host,
+        # Per-upstream caps are the quotas' (proxy/quota.py), which also queue and rate-limit.
+        limit_per_host=0,
         keepalive_timeout=up.keepalive_timeout,
         ttl_dns_cache=60,
     )
@@ -183,7 +215,7 @@ def build_app(
         )
         app[UPSTREAM_SESSION] = upstream
         app[TOKENS] = provider
-        app[FORWARDER] = Forwarder(config, provider, upstream)
+        app[FORWARDER] = Forwarder(config, provider, upstream, clock)
         for warning in config.warnings:
             structlog.get_logger("proxy.config").warning("insecure_upstream", detail=warning)
         yield
@@ -194,5 +226,6 @@ def build_app(
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/_proxy/health", health)
     app.router.add_get("/_proxy/tokens", token_status)
+    app.router.add_get("/_proxy/status", status)
     app.router.add_route("*", "/{tail:.*}", forward)
     return app

@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--shutdown-grace",
         type=float,
-        default=30.0,
-        help="seconds in-flight requests get after SIGTERM (default 30)",
+        default=None,
+        help="seconds in-flight requests get after SIGTERM (default: server.shutdown_grace, 30)",
     )
     _add_logging(serve)
 

@@ -80,6 +80,33 @@ class Region:
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """Per-upstream timeouts, seconds. There is no total timeout: it would cut long streams."""
+
+    connect: float = 10.0
+    #: From the request being sent (bodiless or buffered) to the response headers.
+    first_byte: float = 30.0
+    #: Longest silence while reading a response.
+    read: float = 60.0
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Admission to one upstream. Defaults follow InCountry's documented limits: 25
+    connections per client IP, 10 requests/s per connection with a burst of 5."""
+
+    max_connections: int = INCOUNTRY_CONNECTIONS_PER_IP
+    #: Requests per second to this upstream (25 connections x 10 requests/s).
+    rate: float = INCOUNTRY_CONNECTIONS_PER_IP * 10.0
+    #: Requests allowed at once above the rate (25 connections x burst 5).
+    burst: int = INCOUNTRY_CONNECTIONS_PER_IP * 5
+    #: Requests that may wait for a connection or the rate; more get 429 at once.
+    queue_size: int = 1000
+    #: Longest wait in the queue before 429, seconds.
+    queue_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Country:
     """One country's upstream and everything derived from it."""
 
@@ -95,6 +122,8 @@ class Country:
     #: ``host[:port]`` sent as the upstream ``Host`` header.
     upstream_host: str
     insecure: bool
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    quota: Quota = field(default_factory=Quota)
 
 
 @dataclass(frozen=True)
@@ -120,13 +149,19 @@ class TokenSettings:
 
 @dataclass(frozen=True)
 class UpstreamSettings:
-    connect_timeout: float = 10.0
-    #: Longest silence while reading a response (not a total: long streams are not cut).
-    read_timeout: float = 60.0
-    #: Pooled connections per upstream host (InCountry allows 25 per client IP).
-    max_connections_per_host: int = INCOUNTRY_CONNECTIONS_PER_IP
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    #: Pooled connections to all upstreams together (each is capped by its quota too).
     max_connections: int = 200
     keepalive_timeout: float = 15.0
+    #: Request bodies up to this size (with a Content-Length) are buffered, so that the
+    #: request can be replayed once after a 401. Larger and chunked bodies stream.
+    replay_buffer_size: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    #: Seconds in-flight requests get to finish after SIGTERM.
+    shutdown_grace: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +185,8 @@ class Config:
     routing: Routing = field(default_factory=Routing)
     tokens: TokenSettings = field(default_factory=TokenSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    quota: Quota = field(default_factory=Quota)
+    server: ServerSettings = field(default_factory=ServerSettings)
     limits: Limits = field(default_factory=Limits)
     forwarded: Forwarded = field(default_factory=Forwarded)
     #: Non-fatal findings (plain-http upstreams) to log at startup.
@@ -277,8 +314,62 @@ class _Reader:
 
 
 _TOP = frozenset(
-    {"listen", "credentials", "regions", "countries", "routing", "tokens", "upstream", "limits", "forwarded"}
+    {
+        "listen",
+        "credentials",
+        "regions",
+        "countries",
+        "routing",
+        "tokens",
+        "upstream",
+        "quota",
+        "server",
+        "limits",
+        "forwarded",
+    }
 )
+
+
+_TIMEOUT_KEYS = frozenset({"connect_timeout", "first_byte_timeout", "read_timeout"})
+_QUOTA_KEYS = frozenset({"max_connections", "rate", "burst", "queue_size", "queue_timeout"})
+
+
+def _timeouts(r: _Reader, m: Mapping[str, Any], key: str, base: Timeouts) -> Timeouts:
+    return Timeouts(
+        connect=r.number(m, "connect_timeout", key, base.connect, minimum=0.1),
+        first_byte=r.number(m, "first_byte_timeout", key, base.first_byte, minimum=0.1),
+        read=r.number(m, "read_timeout", key, base.read, minimum=0.1),
+    )
+
+
+def _quota(r: _Reader, raw: Any, key: str, base: Quota) -> Quota:
+    m = r.mapping(raw, key, _QUOTA_KEYS)
+    return Quota(
+        max_connections=int(
+            r.number(m, "max_connections", key, base.max_connections, minimum=1, integer=True)
+        ),
+        rate=r.number(m, "rate", key, base.rate, minimum=0.1),
+        burst=int(r.number(m, "burst", key, base.burst, minimum=1, integer=True)),
+        queue_size=int(r.number(m, "queue_size", key, base.queue_size, minimum=0, integer=True)),
+        queue_timeout=r.number(m, "queue_timeout", key, base.queue_timeout, minimum=0),
+    )
+
+
+def _upstream(r: _Reader, raw: Any) -> UpstreamSettings:
+    d = UpstreamSettings()
+    up = r.mapping(
+        raw, "upstream", _TIMEOUT_KEYS | {"max_connections", "keepalive_timeout", "replay_buffer_size"}
+    )
+    return UpstreamSettings(
+        timeouts=_timeouts(r, up, "upstream", d.timeouts),
+        max_connections=int(
+            r.number(up, "max_connections", "upstream", d.max_connections, minimum=1, integer=True)
+        ),
+        keepalive_timeout=r.number(up, "keepalive_timeout", "upstream", d.keepalive_timeout),
+        replay_buffer_size=int(
+            r.number(up, "replay_buffer_size", "upstream", d.replay_buffer_size, minimum=0, integer=True)
+        ),
+    )
 
 
 def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
@@ -335,6 +426,13 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
                     warnings.append(f"{key}.token_urls[{i}]: plain http; client secrets travel unencrypted")
         regions[name] = Region(name=name, token_urls=tuple(urls))
 
+    upstream = _upstream(r, top.get("upstream"))
+    quota = _quota(r, top.get("quota"), "quota", Quota())
+    sv = r.mapping(top.get("server"), "server", frozenset({"shutdown_grace"}))
+    server = ServerSettings(
+        shutdown_grace=r.number(sv, "shutdown_grace", "server", ServerSettings.shutdown_grace)
+    )
+
     countries: dict[str, Country] = {}
     com = r.mapping(top.get("countries"), "countries")
     if not com:
@@ -348,7 +446,16 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         if code in countries:
             problems.append(f"{key}: country {code.upper()} is listed twice (codes are case-insensitive)")
             continue
-        cc = r.mapping(raw, key, frozenset({"region", "restapi_url", "storage_url", "credentials"}))
+        cc = r.mapping(
+            raw, key, frozenset({"region", "restapi_url", "storage_url", "credentials", "upstream", "quota"})
+        )
+        country_timeouts = _timeouts(
+            r,
+            r.mapping(cc.get("upstream"), f"{key}.upstream", _TIMEOUT_KEYS),
+            f"{key}.upstream",
+            upstream.timeouts,
+        )
+        country_quota = _quota(r, cc.get("quota"), f"{key}.quota", quota)
         region_name = r.string(cc, "region", key)
         region = regions.get(region_name)
         if region is None and region_name:
@@ -386,6 +493,8 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
             upstream_base=restapi_s,
             upstream_host=restapi.raw_authority,
             insecure=insecure,
+            timeouts=country_timeouts,
+            quota=country_quota,
         )
 
     rt = r.mapping(top.get("routing"), "routing", frozenset({"country_header", "path_prefix"}))
@@ -419,39 +528,6 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         user_agent=r.string(tk, "user_agent", "tokens", d.user_agent),
     )
 
-    du = UpstreamSettings()
-    up = r.mapping(
-        top.get("upstream"),
-        "upstream",
-        frozenset(
-            {
-                "connect_timeout",
-                "read_timeout",
-                "max_connections_per_host",
-                "max_connections",
-                "keepalive_timeout",
-            }
-        ),
-    )
-    upstream = UpstreamSettings(
-        connect_timeout=r.number(up, "connect_timeout", "upstream", du.connect_timeout, minimum=0.1),
-        read_timeout=r.number(up, "read_timeout", "upstream", du.read_timeout, minimum=0.1),
-        max_connections_per_host=int(
-            r.number(
-                up,
-                "max_connections_per_host",
-                "upstream",
-                du.max_connections_per_host,
-                minimum=1,
-                integer=True,
-            )
-        ),
-        max_connections=int(
-            r.number(up, "max_connections", "upstream", du.max_connections, minimum=1, integer=True)
-        ),
-        keepalive_timeout=r.number(up, "keepalive_timeout", "upstream", du.keepalive_timeout),
-    )
-
     li = r.mapping(top.get("limits"), "limits", frozenset({"max_body_size"}))
     limits = Limits(
         max_body_size=int(
@@ -481,6 +557,8 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         routing=routing,
         tokens=tokens,
         upstream=upstream,
+        quota=quota,
+        server=server,
         limits=limits,
         forwarded=Forwarded(trusted_proxies=tuple(nets)),
         warnings=tuple(warnings),

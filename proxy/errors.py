@@ -16,10 +16,20 @@ class ProxyError(Exception):
     title: str = "Internal proxy error"
     hop: str = "proxy"
 
-    def __init__(self, detail: str, *, retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        retry_after: int | None = None,
+        extra: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.retry_after = retry_after
+        #: Extension members of the problem document (RFC 9457 §3.2).
+        self.extra = extra or {}
+        self.headers = headers or {}
 
 
 class ConfigError(Exception):
@@ -89,3 +99,21 @@ class UpstreamProtocolError(ProxyError):
     slug = "upstream-protocol"
     title = "The country's REST API sent an invalid response"
     hop = "upstream_response"
+
+
+class QueueFullError(ProxyError):
+    """The upstream's quota is exhausted and the request could not wait any longer."""
+
+    status = 429
+    slug = "queue-full"
+    title = "Too many requests for this country's REST API"
+    hop = "queue"
+
+
+class UpstreamUnauthorizedError(ProxyError):
+    """The REST API refused the injected token and the request was not (or no more) replayable."""
+
+    status = 401
+    slug = "upstream-unauthorized"
+    title = "The country's REST API refused the access token"
+    hop = "upstream_auth"

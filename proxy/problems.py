@@ -27,10 +27,11 @@ def problem_response(
         "status": error.status,
         "detail": error.detail,
         "hop": error.hop,
+        **error.extra,
     }
     if request_id:
         doc["instance"] = f"urn:incountry-proxy:request:{request_id}"
-    out_headers = dict(headers or {})
+    out_headers = {**error.headers, **(headers or {})}
     if error.retry_after is not None:
         out_headers["Retry-After"] = str(error.retry_after)
     if request_id:

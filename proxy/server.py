@@ -16,18 +16,25 @@ from proxy.logs import get_logger
 
 log = get_logger("proxy.server")
 
-# Seconds in-flight requests get to finish after SIGTERM before they are cancelled.
-DEFAULT_SHUTDOWN_GRACE = 30.0
 
-
-async def serve(config: Config, *, shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE) -> None:
+async def serve(config: Config, *, shutdown_grace: float | None = None) -> None:
     """Serve ``config`` until SIGTERM or SIGINT.
 
     On a signal the listening socket closes at once; in-flight requests get
     ``shutdown_grace`` seconds to finish, then the process exits 0.
     """
+    if shutdown_grace is None:
+        shutdown_grace = config.server.shutdown_grace
     app = build_app(config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_grace)
+    runner = web.AppRunner(
+        app,
+        access_log=None,  # proxy.app logs one structured line per request instead
+        handle_signals=False,
+        shutdown_timeout=shutdown_grace,
+        # A client that disconnects cancels its handler, which closes the upstream
+        # connection at once instead of finishing a transfer nobody reads.
+        handler_cancellation=True,
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.listen.host, config.listen.port)
     await site.start()
