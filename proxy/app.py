@@ -180,9 +180,13 @@ def upstream_session(config: Config) -> aiohttp.ClientSession:
 
 
 def token_session(config: Config) -> aiohttp.ClientSession:
-    """A separate session for auth servers, so token requests never queue behind API traffic."""
+    """A separate session for auth servers, so token requests never queue behind API traffic.
+
+    Token requests come minutes apart, so connections are not kept: a pooled one would
+    mostly be stale by the next refresh, and fail it.
+    """
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=20, keepalive_timeout=30),
+        connector=aiohttp.TCPConnector(limit=20, force_close=True),
         cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,
     )

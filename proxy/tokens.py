@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import aiohttp
@@ -103,9 +104,11 @@ def token_schedule(sent_at: float, expires_in: float, settings: TokenSettings) -
 class TokenFetchError(Exception):
     """A token could not be fetched; the message is safe to log and show (no secrets)."""
 
-    def __init__(self, message: str, *, rejected: bool = False) -> None:
+    def __init__(self, message: str, *, rejected: bool = False, retry_at: float | None = None) -> None:
         super().__init__(message)
         self.rejected = rejected
+        #: Do not try again before this clock time (a known expiry), whatever the backoff.
+        self.retry_at = retry_at
 
 
 def parse_token_response(body: bytes, sent_at: float, url: str, settings: TokenSettings) -> Token:
@@ -263,6 +266,9 @@ class _KeyState:
     consecutive_failures: int = 0
     retry_at: float = 0.0
     last_error: str | None = None
+    #: The last token fetched, and the last one the REST API rejected.
+    last: Token | None = None
+    rejected: Secret | None = None
 
 
 class LocalTokenProvider:
@@ -273,15 +279,22 @@ class LocalTokenProvider:
     - Callers that find no usable token share one fetch (single flight); cancelling
       one caller does not cancel the fetch for the others.
     - After a failed fetch, callers without a usable token get 503 at once until a
-      backoff (1 s doubling to 30 s) has passed, instead of each hitting a dead server.
+      backoff (1 s doubling to 30 s, with jitter) has passed, instead of each hitting a
+      dead server. A valid token keeps being used while its refresh fails.
     """
 
     def __init__(
-        self, fetcher: TokenFetcher, settings: TokenSettings, clock: Clock, maxsize: int = 4096
+        self,
+        fetcher: TokenFetcher,
+        settings: TokenSettings,
+        clock: Clock,
+        maxsize: int = 4096,
+        random: Callable[[], float] = random.random,
     ) -> None:
         self._fetcher = fetcher
         self._settings = settings
         self._clock = clock
+        self._random = random
         self._cache: TLRUCache[TokenKey, Token] = TLRUCache(
             maxsize=maxsize, ttu=lambda _k, tok, _now: tok.usable_until, timer=clock
         )
@@ -339,18 +352,14 @@ class LocalTokenProvider:
         state = self._state[key]
         state.fetches += 1
         try:
-            token = await self._fetcher.fetch(country)
+            token = self._check_repeat(state, await self._fetcher.fetch(country))
         except TokenFetchError as e:
-            state.failures += 1
-            state.consecutive_failures += 1
-            state.last_error = str(e)
-            backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (state.consecutive_failures - 1))
-            state.retry_at = self._clock() + backoff
-            log.error("token_fetch_failed", countries=sorted(state.countries), error=str(e), retry_in=backoff)
+            self._failed(state, e)
             raise
         state.consecutive_failures = 0
         state.retry_at = 0.0
         state.last_error = None
+        state.last = token
         self._cache[key] = token
         log.info(
             "token_fetched",
@@ -360,8 +369,48 @@ class LocalTokenProvider:
         )
         return token
 
+    def _check_repeat(self, state: _KeyState, token: Token) -> Token:
+        """Guard against an auth server that hands back a token the proxy already had.
+
+        Its new ``expires_in`` cannot extend its life: the first expiry stands. While
+        it is still usable it is kept, with no refresh before it expires (refreshing
+        again would only spin); once it is not, the next fetch waits for its expiry.
+        A token the REST API rejected is never taken back.
+        """
+        if token.value == state.rejected:
+            raise TokenFetchError(f"{token.source_url}: returned the token the REST API just rejected")
+        last = state.last
+        if last is None or token.value != last.value:
+            return token
+        now = self._clock()
+        if last.usable(now):
+            return replace(last, refresh_at=last.expires_at)
+        raise TokenFetchError(
+            f"{token.source_url}: returned the same token again, which expires in "
+            f"{max(0.0, last.expires_at - now):.1f}s; the next request for a new one is made after that",
+            retry_at=last.expires_at,
+        )
+
+    def _failed(self, state: _KeyState, error: TokenFetchError) -> None:
+        state.failures += 1
+        state.consecutive_failures += 1
+        state.last_error = str(error)
+        # Exponential backoff with "equal jitter": replicas do not retry in lockstep.
+        backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (state.consecutive_failures - 1))
+        backoff = backoff / 2 + self._random() * backoff / 2
+        now = self._clock()
+        state.retry_at = max(now + backoff, error.retry_at or 0.0)
+        log.error(
+            "token_fetch_failed",
+            countries=sorted(state.countries),
+            error=str(error),
+            retry_in=round(state.retry_at - now, 3),
+        )
+
     def invalidate(self, country: Country, rejected: Token) -> bool:
         key = self._key(country)
+        state = self._state[key]
+        state.rejected = rejected.value
         current = self._cache.get(key)
         if current is not None and current.value == rejected.value:
             del self._cache[key]

@@ -2,11 +2,11 @@
 
 Request flow: ``observe`` (outermost) classifies the request into a
 :class:`~proxy.sandbox.state.Surface`, turns every error into the surface's error
-dialect and logs one line; ``authenticate_restapi`` then counts REST API calls
-and rejects those without a valid bearer token before any route handler runs
-(so even an unknown path under ``/{cc}/`` needs a token, as behind a gateway).
-Fault injection, when it comes, is a middleware between the two, keyed on the
-surface.
+dialect and logs one line; ``restapi_gate`` (:mod:`proxy.sandbox.inject`) counts
+REST API calls, tracks them in flight and applies the REST API faults;
+``authenticate_restapi`` then rejects those without a valid bearer token before
+any route handler runs (so even an unknown path under ``/{cc}/`` needs a token,
+as behind a gateway). Token-endpoint faults are applied by the token endpoint.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from proxy.logs import configure_logging, get_logger
 from proxy.sandbox import control, files, restapi
 from proxy.sandbox.auth import token_endpoint
 from proxy.sandbox.errors import ApiError, OAuthError, api_error_response, oauth_error_response
+from proxy.sandbox.inject import restapi_gate
 from proxy.sandbox.keys import (
     COUNTRY,
+    FAULT,
     SANDBOX_CLOCK,
     SANDBOX_SETTINGS,
     SANDBOX_STATE,
@@ -55,7 +57,7 @@ def build_sandbox_app(settings: SandboxSettings, clock: Callable[[], float] = ti
     timestamps; tests inject a controllable one. The state is ``app[SANDBOX_STATE]``.
     """
     app = web.Application(
-        middlewares=[observe, authenticate_restapi],
+        middlewares=[observe, restapi_gate, authenticate_restapi],
         client_max_size=settings.max_file_size + _BODY_HEADROOM,
     )
     app[SANDBOX_STATE] = SandboxState()
@@ -107,8 +109,9 @@ def _http_error(exc: web.HTTPException, surface: Surface) -> web.Response:
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Classify, render errors in the surface's dialect, log one line per request.
 
-    The line holds method, path (without query), status, surface and duration;
-    never a header value, so no token or secret can reach it.
+    The line holds method, path (without query), status, surface and duration,
+    plus ``fault`` when an injected fault changed the answer; never a header
+    value, so no token or secret can reach it.
     """
     surface = classify(request)
     request[SURFACE] = surface
@@ -127,6 +130,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         _log.exception("sandbox handler failed", method=request.method, path=request.path)
         response = _http_error(web.HTTPInternalServerError(), surface)
+    extra = {"fault": request[FAULT]} if FAULT in request else {}
     _log.info(
         "sandbox request",
         method=request.method,
@@ -134,20 +138,21 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         status=response.status,
         surface=surface.value,
         duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        **extra,
     )
     return response
 
 
 @web.middleware
 async def authenticate_restapi(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count REST API requests and answer 401 unless the bearer token fits this country."""
+    """Answer a REST API request 401 unless its bearer token fits this country.
+
+    Runs after ``restapi_gate``, which counted the request and set ``COUNTRY``.
+    """
     if request[SURFACE] is not Surface.RESTAPI:
         return await handler(request)
     state = request.app[SANDBOX_STATE]
-    state.api_requests += 1
-    country = restapi.country_of_path(request.path)
-    assert country is not None  # classify() only says RESTAPI for such paths
-    request[COUNTRY] = country
+    country = request[COUNTRY]
     problem = restapi.bearer_problem(request, country)
     if problem is not None:
         state.unauthorized += 1

@@ -7,6 +7,7 @@ that a client which passes here builds its token requests correctly.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import secrets
@@ -17,6 +18,8 @@ from aiohttp import hdrs, web
 from yarl import URL
 
 from proxy.sandbox.errors import OAuthError, oauth_error_response
+from proxy.sandbox.faults import JUNK_TOKEN_MODES, TokenMode
+from proxy.sandbox.inject import broken_token_answer, junk_token_answer
 from proxy.sandbox.keys import SANDBOX_CLOCK, SANDBOX_SETTINGS, SANDBOX_STATE
 from proxy.sandbox.settings import SandboxClient, SandboxSettings
 from proxy.sandbox.state import IssuedToken
@@ -37,37 +40,60 @@ class TokenRequest:
     storage_url: str
 
 
-async def token_endpoint(request: web.Request) -> web.Response:
+async def token_endpoint(request: web.Request) -> web.StreamResponse:
     """Issue an access token for a valid client_credentials request.
 
     Every POST is counted (``token_requests``) whatever its outcome. On success
     the answer is 200 ``{"access_token", "expires_in", "scope", "token_type"}``
     with ``Cache-Control: no-store``; otherwise an RFC 6749 error (see
     :func:`check_token_request` for the rules).
+
+    Token faults covering this path (``state.faults.token``) apply after the
+    count: first ``delay``; then modes down/error/empty/malformed answer without
+    checking the request; modes wrong_type/no_expiry/same_token check it first.
     """
     state = request.app[SANDBOX_STATE]
     settings = request.app[SANDBOX_SETTINGS]
     state.count_token_request(request.path)
+    faults = state.faults.token_faults_for(request.path)
+    if faults is not None:
+        if faults.delay > 0:
+            await asyncio.sleep(faults.delay)
+        broken = broken_token_answer(request, faults)
+        if broken is not None:
+            return broken
     try:
         grant = await check_token_request(request, settings)
     except OAuthError as exc:
         return oauth_error_response(exc)
 
+    mode = None if faults is None else faults.mode
+    if mode in JUNK_TOKEN_MODES:
+        assert mode is not None
+        return junk_token_answer(request, mode, grant.client.environment_id, settings.expires_in)
+
     now = request.app[SANDBOX_CLOCK]()
-    token = secrets.token_urlsafe(32)
-    state.remember_token(
-        token,
-        IssuedToken(
-            client_id=grant.client.client_id,
-            environment_id=grant.client.environment_id,
-            audience=frozenset({grant.restapi_url, grant.storage_url}),
-            issued_at=now,
-            expires_at=now + settings.expires_in,
-        ),
-    )
+    audience = frozenset({grant.restapi_url, grant.storage_url})
+    live = state.live_token(grant.client.client_id, audience, now) if mode is TokenMode.SAME_TOKEN else None
+    if live is not None:
+        token, issued = live
+        expires_in = state.remaining_lifetime(issued, now)
+    else:
+        token = secrets.token_urlsafe(32)
+        expires_in = settings.expires_in
+        state.remember_token(
+            token,
+            IssuedToken(
+                client_id=grant.client.client_id,
+                environment_id=grant.client.environment_id,
+                audience=audience,
+                issued_at=now,
+                expires_at=now + settings.expires_in,
+            ),
+        )
     body = {
         "access_token": token,
-        "expires_in": settings.expires_in,
+        "expires_in": expires_in,
         "scope": grant.client.environment_id,
         "token_type": "bearer",
     }

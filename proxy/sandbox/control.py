@@ -8,10 +8,12 @@ client secret.
 from __future__ import annotations
 
 import ipaddress
+import json
 
 from aiohttp import web
 
 from proxy.sandbox.errors import ApiError
+from proxy.sandbox.faults import Faults, FaultSpecError
 from proxy.sandbox.keys import SANDBOX_STATE
 
 
@@ -41,7 +43,7 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def reset(request: web.Request) -> web.Response:
-    """``POST /_sandbox/reset``: forget counters, tokens, records and files."""
+    """``POST /_sandbox/reset``: forget counters, tokens, records, files and faults."""
     _require_loopback(request)
     request.app[SANDBOX_STATE].reset()
     return web.json_response({"reset": True})
@@ -54,8 +56,47 @@ async def revoke_tokens(request: web.Request) -> web.Response:
     return web.json_response({"revoked": revoked})
 
 
+async def get_faults(request: web.Request) -> web.Response:
+    """``GET /_sandbox/faults``: the active faults, every key present, countdowns as they stand."""
+    _require_loopback(request)
+    return web.json_response(request.app[SANDBOX_STATE].faults.to_json())
+
+
+async def put_faults(request: web.Request) -> web.Response:
+    """``PUT /_sandbox/faults``: replace the active faults with the JSON body.
+
+    The body has the shape documented in :mod:`proxy.sandbox.faults` (any
+    Content-Type is accepted). Anything unknown or invalid is a 400 naming the
+    key, and leaves the active faults as they were. Answers like ``GET``.
+    """
+    _require_loopback(request)
+    raw = await request.read()
+    try:
+        spec = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the body must be a JSON object describing the faults", "body") from None
+    try:
+        faults = Faults.parse(spec if spec is not None else {})
+    except FaultSpecError as exc:
+        raise ApiError(400, exc.message, f"body.{exc.source}" if exc.source else "body") from None
+    state = request.app[SANDBOX_STATE]
+    state.faults = faults
+    return web.json_response(state.faults.to_json())
+
+
+async def delete_faults(request: web.Request) -> web.Response:
+    """``DELETE /_sandbox/faults``: switch every fault off; answers like ``GET``."""
+    _require_loopback(request)
+    state = request.app[SANDBOX_STATE]
+    state.clear_faults()
+    return web.json_response(state.faults.to_json())
+
+
 def add_routes(app: web.Application) -> None:
     """Register the control endpoints (route names start with ``control.``)."""
     app.router.add_get("/_sandbox/stats", stats, name="control.stats")
     app.router.add_post("/_sandbox/reset", reset, name="control.reset")
     app.router.add_post("/_sandbox/tokens/revoke", revoke_tokens, name="control.revoke")
+    app.router.add_get("/_sandbox/faults", get_faults, name="control.faults_get")
+    app.router.add_put("/_sandbox/faults", put_faults, name="control.faults_put")
+    app.router.add_delete("/_sandbox/faults", delete_faults, name="control.faults_delete")

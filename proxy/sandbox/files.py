@@ -14,6 +14,7 @@ from urllib.parse import quote
 from aiohttp import BodyPartReader, hdrs, web
 
 from proxy.sandbox.errors import ApiError
+from proxy.sandbox.inject import shaped_download
 from proxy.sandbox.keys import COUNTRY, SANDBOX_SETTINGS, SANDBOX_STATE
 from proxy.sandbox.restapi import CC
 from proxy.sandbox.state import StoredFile
@@ -79,21 +80,28 @@ async def upload_file(request: web.Request) -> web.Response:
     return web.json_response(stored.to_json(), status=201)
 
 
-async def download_file(request: web.Request) -> web.Response:
+async def download_file(request: web.Request) -> web.StreamResponse:
     """``GET /{cc}/webapi/records/{record_key}/files/{file_id}``: the stored bytes.
 
     Served with the uploaded content type and ``Content-Disposition: attachment``;
-    404 when the record or the file does not exist.
+    404 when the record or the file does not exist. While the REST API faults
+    throttle or cut downloads, a GET streams the file accordingly
+    (:func:`proxy.sandbox.inject.shaped_download`).
     """
     country = request[COUNTRY]
-    files = request.app[SANDBOX_STATE].files.get(country, {}).get(request.match_info["record_key"])
+    state = request.app[SANDBOX_STATE]
+    files = state.files.get(country, {}).get(request.match_info["record_key"])
     stored = (files or {}).get(request.match_info["file_id"])
     if stored is None:
         raise ApiError(404, "file not found", "path.file_id")
-    response = web.Response(body=stored.data)
+    faults = state.faults.restapi
+    shaped = faults.shapes_downloads and request.method == hdrs.METH_GET
+    response = web.StreamResponse() if shaped else web.Response(body=stored.data)
     response.headers[hdrs.CONTENT_TYPE] = stored.mime_type
     response.headers[hdrs.CONTENT_DISPOSITION] = content_disposition(stored.filename)
     response.headers["X-Content-Type-Options"] = "nosniff"
+    if shaped:
+        return await shaped_download(request, response, stored, faults)
     return response
 
 

@@ -21,3 +21,5 @@ SANDBOX_CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("sandbox_clock")
 SURFACE: web.RequestKey[Surface] = web.RequestKey("sandbox_surface", Surface)
 # The lower-case country code of a REST API request (from its first path segment).
 COUNTRY: web.RequestKey[str] = web.RequestKey("sandbox_country", str)
+# Set when an injected fault changed the answer (e.g. "token.down"); shown in the log line.
+FAULT: web.RequestKey[str] = web.RequestKey("sandbox_fault", str)

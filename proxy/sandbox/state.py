@@ -4,18 +4,23 @@ Everything the emulator remembers lives in one :class:`SandboxState` so that tes
 can inspect it (``app[SANDBOX_STATE]``) and reset it between scenarios.
 
 Requests are sorted into a :class:`Surface` (token endpoint, REST API, control)
-before any handler runs. That classification is the seam for fault injection: a
-later ``faults`` attribute on the state, consulted by one middleware per surface
-(auth server down, junk token responses, forced 401s, delays), can change the
-answer of a whole surface without touching the handlers.
+before any handler runs. That classification is the seam for fault injection:
+``SandboxState.faults`` (a :class:`~proxy.sandbox.faults.Faults`) is consulted by
+the token endpoint and by the REST API's gate middleware (auth server down, junk
+token responses, forced 401s and statuses, delays, throttled or cut downloads).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from proxy.sandbox.faults import Faults, RestApiVerdict
 
 
 class Surface(enum.StrEnum):
@@ -96,10 +101,22 @@ class SandboxState:
       ``unauthorized``: those answered 401.
     - ``writes``: successful record creates/overwrites plus file uploads.
     - ``records[cc][record_key]`` and ``files[cc][record_key][file_id]``: stores.
+    - ``restapi_in_flight``: REST API requests being handled right now (from
+      arrival, through any injected delay, until the last byte of the answer is
+      written, downloads included); ``restapi_in_flight_max``: its high-water mark.
+    - ``open_connections()``: TCP connections that have carried a REST API request
+      and are still open; ``restapi_connections_max``: its high-water mark.
+    - ``faults``: the active :class:`~proxy.sandbox.faults.Faults` (settable; see
+      :meth:`set_faults`).
+
+    :meth:`reset` clears faults and restarts both high-water marks from the
+    current values (requests in flight and open connections are not forgotten).
     """
 
     def __init__(self) -> None:
         self.issued_tokens: list[str] = []
+        self.restapi_in_flight = 0
+        self._restapi_transports: set[asyncio.BaseTransport] = set()
         self._clear()
 
     def _clear(self) -> None:
@@ -112,9 +129,12 @@ class SandboxState:
         self.writes = 0
         self.records: dict[str, dict[str, StoredRecord]] = {}
         self.files: dict[str, dict[str, dict[str, StoredFile]]] = {}
+        self.faults = Faults()
+        self.restapi_in_flight_max = self.restapi_in_flight
+        self.restapi_connections_max = self.open_connections()
 
     def reset(self) -> None:
-        """Forget every counter, token, record and file.
+        """Forget every counter, token, record, file and fault.
 
         Tokens issued before the reset become unknown (401). ``issued_tokens``
         keeps its history so that a leak scan still covers every token.
@@ -150,6 +170,68 @@ class SandboxState:
             return f"token audience does not include {restapi_url}"
         return None
 
+    def live_token(
+        self, client_id: str, audience: frozenset[str], now: float
+    ) -> tuple[str, IssuedToken] | None:
+        """The longest-lived usable token of ``client_id`` for exactly ``audience``, if any."""
+        best: tuple[str, IssuedToken] | None = None
+        for token, grant in self.tokens.items():
+            if (
+                grant.client_id == client_id
+                and grant.audience == audience
+                and now < grant.expires_at
+                and token not in self.revoked_tokens
+                and (best is None or grant.expires_at > best[1].expires_at)
+            ):
+                best = (token, grant)
+        return best
+
+    @staticmethod
+    def remaining_lifetime(grant: IssuedToken, now: float) -> int:
+        """Whole seconds ``grant`` has left, rounded up, at least 1 (an ``expires_in``)."""
+        return max(1, math.ceil(grant.expires_at - now))
+
+    # ------------------------------------------------------------------ faults
+
+    def set_faults(self, spec: Mapping[str, Any] | Faults | None) -> Faults:
+        """Replace the active faults with ``spec`` (the ``PUT /_sandbox/faults`` JSON shape,
+        a :class:`Faults`, or ``None`` for none); return them.
+
+        Raises :class:`~proxy.sandbox.faults.FaultSpecError` (a ``ValueError``)
+        and changes nothing when ``spec`` is invalid.
+        """
+        self.faults = spec if isinstance(spec, Faults) else Faults.parse(spec)
+        return self.faults
+
+    def clear_faults(self) -> None:
+        """Switch every fault off."""
+        self.faults = Faults()
+
+    def take_restapi_verdict(self) -> RestApiVerdict:
+        """Decide what the faults do to an arriving REST API request, consuming countdowns."""
+        verdict, self.faults = self.faults.after_restapi_request()
+        return verdict
+
+    # ------------------------------------------------------------------ load
+
+    def restapi_started(self, transport: asyncio.BaseTransport | None) -> None:
+        """Note a REST API request arriving on ``transport``; update the high-water marks."""
+        self.restapi_in_flight += 1
+        self.restapi_in_flight_max = max(self.restapi_in_flight_max, self.restapi_in_flight)
+        if transport is not None and not transport.is_closing():
+            self._restapi_transports.add(transport)
+        self.restapi_connections_max = max(self.restapi_connections_max, self.open_connections())
+
+    def restapi_finished(self) -> None:
+        """Note a REST API request fully answered (or abandoned)."""
+        self.restapi_in_flight -= 1
+
+    def open_connections(self) -> int:
+        """How many connections that carried a REST API request are still open."""
+        closed = [t for t in self._restapi_transports if t.is_closing()]
+        self._restapi_transports.difference_update(closed)
+        return len(self._restapi_transports)
+
     def country_records(self, country: str) -> dict[str, StoredRecord]:
         """The record store of one country (created empty on first use)."""
         return self.records.setdefault(country, {})
@@ -177,6 +259,11 @@ class SandboxState:
             "api_requests": self.api_requests,
             "unauthorized": self.unauthorized,
             "writes": self.writes,
+            "restapi_in_flight": self.restapi_in_flight,
+            "restapi_in_flight_max": self.restapi_in_flight_max,
+            "restapi_open_connections": self.open_connections(),
+            "restapi_connections_max": self.restapi_connections_max,
+            "faults_active": self.faults.active,
             "records": {cc: len(store) for cc, store in sorted(self.records.items()) if store},
             "files": {
                 cc: n
