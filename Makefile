@@ -6,7 +6,7 @@ PROXY_PORT ?= 8080
 SANDBOX_PORT ?= 9000
 export PROXY_PORT SANDBOX_PORT
 
-.PHONY: install install-test run test lint typecheck check-config clean
+.PHONY: install install-test run test soak lint typecheck check-config clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,16 +29,21 @@ run: install
 	@BIN=$(BIN) scripts/run-sandbox.sh
 
 lint: install-test
-	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff check proxy tests scripts
 
 typecheck: install-test
 	$(BIN)/mypy
 
 ## The whole suite: lint, strict typing, then every test over loopback.
 test: install-test
-	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff check proxy tests scripts
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+## Ten minutes of mixed traffic with faults switching on and off (not part of `make test`).
+SOAK_SECONDS ?= 600
+soak: install-test
+	$(BIN)/python scripts/soak.py --duration $(SOAK_SECONDS) --report soak-report.json
 
 check-config: install
 	$(BIN)/incountry-proxy check-config --config $(or $(CONFIG),config/incountry.yaml)

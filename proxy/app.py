@@ -18,7 +18,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.config import Config
-from proxy.errors import ProxyError
+from proxy.errors import MethodNotAllowedError, ProxyError
 from proxy.forward import REPLAYED, ROUTE, UPSTREAM_STATUS, Forwarder, UpstreamAborted
 from proxy.logs import get_logger
 from proxy.problems import problem_response
@@ -77,8 +77,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             request.transport.abort()
         raise
     except web.HTTPException as e:
-        status = e.status
-        raise
+        # The router's own answers (a CONNECT's authority-form target matches no route).
+        if request.method == "CONNECT":
+            err: ProxyError = MethodNotAllowedError(
+                "CONNECT is not supported: send requests to the proxy as you would to the REST API"
+            )
+        else:
+            err = ProxyError(e.text or e.reason)
+            err.status, err.title = e.status, e.reason
+        status = err.status
+        return problem_response(err, request_id=request_id)
     except Exception:
         log.exception("unhandled_error", request_id=request_id)
         err = ProxyError("the proxy failed unexpectedly; retry, and report the request id if it persists")

@@ -49,6 +49,9 @@ SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Conte
 
 # TRACE would echo the injected token back to the client; CONNECT is not a REST call.
 REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
+# The methods a REST API call uses. Anything else (including odd spellings such as
+# "get", which aiohttp's parser accepts) is refused rather than passed on.
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -151,10 +154,16 @@ class Forwarder:
             return await self.send(request, route, body)
 
     def check_request(self, request: web.Request) -> None:
-        if request.method in REFUSED_METHODS:
+        if request.method not in FORWARDED_METHODS:
+            why = (
+                "it could expose the injected credentials"
+                if request.method in REFUSED_METHODS
+                else "it is not a REST API method"
+            )
             raise MethodNotAllowedError(
-                f"{request.method} is not forwarded (it could expose the injected credentials); "
-                "use GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS"
+                f"{request.method!r} is not forwarded ({why}); "
+                "use GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS",
+                headers={"Allow": ", ".join(sorted(FORWARDED_METHODS))},
             )
         if request.version not in (aiohttp.HttpVersion10, aiohttp.HttpVersion11):
             raise BadRequestError(
@@ -298,14 +307,9 @@ class Forwarder:
                 reason=upstream.reason,
                 headers=client_response_headers(upstream.headers),
             )
-            if upstream.status not in NO_BODY_STATUSES and upstream.status >= 200:
-                length = upstream.headers.get("Content-Length")
-                if length is not None:
-                    if not length.isdigit():
-                        raise UpstreamProtocolError(
-                            f"the REST API sent an invalid Content-Length {length!r}; retry later"
-                        )
-                    response.content_length = int(length)
+            length = _content_length(upstream)
+            if length is not None and upstream.status not in NO_BODY_STATUSES and upstream.status >= 200:
+                response.content_length = length
             await response.prepare(request)
             if request.method == "HEAD" or upstream.status in NO_BODY_STATUSES:
                 await response.write_eof()
@@ -323,6 +327,24 @@ class Forwarder:
                 raise
             await response.write_eof()
             return response
+
+
+def _content_length(upstream: aiohttp.ClientResponse) -> int | None:
+    """The upstream's body length, or None when it is not length-framed.
+
+    aiohttp's response parser is lenient, so conflicting framing (RFC 9112 §6.3) is
+    refused here: relaying it could desynchronise the client's connection.
+    """
+    lengths = upstream.headers.getall("Content-Length", [])
+    chunked = "Transfer-Encoding" in upstream.headers
+    values = {v.strip() for raw in lengths for v in raw.split(",")}
+    if lengths and (chunked or len(values) != 1 or not next(iter(values)).isdigit()):
+        raise UpstreamProtocolError(
+            "the REST API sent conflicting or invalid message framing "
+            f"(Content-Length {', '.join(lengths)!r}{' with Transfer-Encoding' if chunked else ''}); "
+            "the answer was not relayed. Retry later, and tell the proxy's operators if it persists"
+        )
+    return int(next(iter(values))) if lengths else None
 
 
 async def _read_401(upstream: aiohttp.ClientResponse) -> tuple[object, str | None]:

@@ -700,3 +700,69 @@ def test_base_doc_is_valid() -> None:
     doc = base_doc()
     cfg = parse_config(copy.deepcopy(doc), env={})
     assert list(cfg.countries) == ["de"]
+
+
+# --- quotas, timeouts and server settings (per country overrides) ---------------------------
+
+
+def _doc_with(**extra: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "credentials": {"default": {"client_id": "c", "client_secret": "s", "environment_id": "e"}},
+        "regions": {"emea": {"token_urls": ["https://idp.example/oauth2/token/"]}},
+        "countries": {
+            "de": {"region": "emea", "restapi_url": "https://de-restapi-mt-01.api.incountry.io"},
+            "us": {
+                "region": "emea",
+                "restapi_url": "https://us-restapi-mt-01.api.incountry.io",
+                "quota": {"max_connections": 5, "queue_timeout": 1},
+                "upstream": {"first_byte_timeout": 3},
+            },
+        },
+    }
+    doc.update(extra)
+    return doc
+
+
+def test_quota_and_timeouts_default_to_incountry_limits() -> None:
+    config = parse_config(_doc_with(), env={})
+    de = config.countries["de"]
+    assert de.quota.max_connections == 25
+    assert de.quota.rate == 250 and de.quota.burst == 125
+    assert de.timeouts.first_byte == 30 and de.timeouts.read == 60 and de.timeouts.connect == 10
+    assert config.server.shutdown_grace == 30
+    assert config.upstream.replay_buffer_size == 1024 * 1024
+
+
+def test_country_overrides_inherit_the_global_section() -> None:
+    config = parse_config(
+        _doc_with(quota={"rate": 100}, upstream={"read_timeout": 7}, server={"shutdown_grace": 5}), env={}
+    )
+    us = config.countries["us"]
+    assert us.quota.max_connections == 5 and us.quota.queue_timeout == 1
+    assert us.quota.rate == 100  # inherited from the global quota
+    assert us.timeouts.first_byte == 3 and us.timeouts.read == 7
+    assert config.countries["de"].quota.max_connections == 25
+    assert config.server.shutdown_grace == 5
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ({"quota": {"max_connections": 0}}, "quota.max_connections"),
+        ({"quota": {"speed": 1}}, "quota.speed"),
+        ({"upstream": {"first_byte_timeout": "soon"}}, "upstream.first_byte_timeout"),
+        ({"server": {"grace": 1}}, "server.grace"),
+    ],
+)
+def test_quota_and_timeout_errors_name_the_key(extra: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_doc_with(**extra), env={})
+    assert any(p.startswith(key) for p in err.value.problems), err.value.problems
+
+
+def test_per_country_quota_errors_name_the_country() -> None:
+    doc = _doc_with()
+    doc["countries"]["us"]["quota"] = {"burst": -1}  # type: ignore[index]
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc, env={})
+    assert any(p.startswith("countries.us.quota.burst") for p in err.value.problems)
