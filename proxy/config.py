@@ -142,8 +142,6 @@ class TokenSettings:
     refresh_ratio: float = 0.75
     #: A token is never injected within this many seconds of its expiry (capped at 10% of life).
     expiry_margin: float = 30.0
-    #: Seconds told to callers in ``Retry-After`` when no token can be had.
-    retry_after: int = 5
     user_agent: str = "incountry-proxy"
 
 
@@ -515,7 +513,7 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     tk = r.mapping(
         top.get("tokens"),
         "tokens",
-        frozenset({"request_timeout", "refresh_ratio", "expiry_margin", "retry_after", "user_agent"}),
+        frozenset({"request_timeout", "refresh_ratio", "expiry_margin", "user_agent"}),
     )
     ratio = r.number(tk, "refresh_ratio", "tokens", d.refresh_ratio, minimum=0.1)
     if ratio > 0.95:
@@ -524,7 +522,6 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         request_timeout=r.number(tk, "request_timeout", "tokens", d.request_timeout, minimum=0.1),
         refresh_ratio=ratio,
         expiry_margin=r.number(tk, "expiry_margin", "tokens", d.expiry_margin),
-        retry_after=int(r.number(tk, "retry_after", "tokens", d.retry_after, minimum=1, integer=True)),
         user_agent=r.string(tk, "user_agent", "tokens", d.user_agent),
     )
 

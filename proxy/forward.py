@@ -216,7 +216,7 @@ class Forwarder:
                 f"{country.code.upper()}'s REST API refused the access token (401). The request was "
                 "not retried because its body was streamed (chunked, or larger than "
                 f"upstream.replay_buffer_size = {self._replay_limit} bytes) and cannot be sent twice; "
-                "the token has been renewed, so send the request again",
+                "the rejected token was dropped, so sending the request again uses a fresh one",
                 detail,
                 www_auth,
             )

@@ -329,12 +329,20 @@ class LocalTokenProvider:
             task = self._start_fetch(key, country)
         state.waits += 1
         try:
-            return await asyncio.shield(task)
+            token = await asyncio.shield(task)
         except TokenFetchError as e:
             raise TokenUnavailableError(
                 f"no access token for {country.code.upper()}: {e}; the request was not forwarded",
-                retry_after=max(self._settings.retry_after, math.ceil(state.retry_at - self._clock())),
+                retry_after=max(1, math.ceil(state.retry_at - self._clock())),
             ) from None
+        if not token.usable(self._clock()):
+            # The answer took longer than the token's life: never inject it.
+            raise TokenUnavailableError(
+                f"no access token for {country.code.upper()}: the auth server's answer arrived after "
+                "the token's usable life had passed; the request was not forwarded",
+                retry_after=1,
+            )
+        return token
 
     def _start_fetch(self, key: TokenKey, country: Country) -> asyncio.Task[Token]:
         task = asyncio.get_running_loop().create_task(self._fetch(key, country))

@@ -310,3 +310,46 @@ async def test_refresh_ahead_with_short_expiry_keeps_requests_flowing(
         status = (await r.json())["tokens"][0]
     # Only the very first request waited for a token; refreshes happened in the background.
     assert status["waits"] == 1
+
+
+async def test_token_that_arrives_already_expired_is_never_used(
+    sandbox: RunningSandbox, make_provider: ProviderFactory, clock: ManualClock
+) -> None:
+    provider, de = await make_provider(sandbox)
+    sandbox.state.set_faults({"token": {"delay": 0.2}})
+    pending = asyncio.ensure_future(provider.get(de))
+    await asyncio.sleep(0.05)
+    clock.advance(400)  # the whole 300 s life passes while the request is in flight
+    with pytest.raises(TokenUnavailableError, match="usable life"):
+        await pending
+
+
+async def test_same_token_cannot_extend_its_life(
+    sandbox: RunningSandbox, make_provider: ProviderFactory, clock: ManualClock
+) -> None:
+    provider, de = await make_provider(sandbox)
+    first = await provider.get(de)
+    sandbox.state.set_faults({"token": {"mode": "same_token"}})
+    clock.advance(230)  # refresh due; the auth server hands back the same token
+    assert (await provider.get(de)).value == first.value
+    await settle()
+    kept = await provider.get(de)
+    assert kept.value == first.value
+    assert kept.expires_at == first.expires_at  # the first expiry stands
+    assert kept.refresh_at == first.expires_at  # no more refreshes before it
+    fetches = provider.status()[0].fetches
+    clock.advance(20)
+    await provider.get(de)
+    await settle()
+    assert provider.status()[0].fetches == fetches  # no spinning
+
+
+async def test_rejected_token_is_never_taken_back(
+    sandbox: RunningSandbox, make_provider: ProviderFactory, clock: ManualClock
+) -> None:
+    provider, de = await make_provider(sandbox)
+    token = await provider.get(de)
+    sandbox.state.set_faults({"token": {"mode": "same_token"}})
+    assert provider.invalidate(de, token)
+    with pytest.raises(TokenUnavailableError, match="just rejected"):
+        await provider.get(de)
