@@ -71,7 +71,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         status = 499  # the client closed the connection; nginx's convention
         raise
     except UpstreamAborted as e:
-        status = 0
+        status = request.get(UPSTREAM_STATUS, 0)  # the status line already sent, if any
         log.warning("transfer_aborted", request_id=request_id, reason=str(e))
         if request.transport is not None:
             request.transport.abort()

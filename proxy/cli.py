@@ -6,13 +6,15 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from proxy import __version__
 from proxy.config import Config, load_config, routing_table
 from proxy.errors import ConfigError
 from proxy.logs import configure_logging, get_logger
 
+EXIT_FATAL = 1
 EXIT_CONFIG = 2
 
 
@@ -97,18 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_format, args.log_level)
     log = get_logger("proxy.cli")
     if args.command == "serve":
-        from proxy.server import run, serve
+        from proxy.server import serve
 
         try:
             config = load_config(args.config)
         except ConfigError as e:
             log.error("invalid_configuration", config=args.config, problems=e.problems)
             return EXIT_CONFIG
-        run(lambda: serve(config, shutdown_grace=args.shutdown_grace))
-        return 0
+        return _run_logged(log, lambda: serve(config, shutdown_grace=args.shutdown_grace))
 
     from proxy.sandbox import DEFAULT_CLIENT, SandboxClient, SandboxSettings, run_sandbox
-    from proxy.server import run
 
     clients: tuple[SandboxClient, ...] = (DEFAULT_CLIENT,)
     if args.config:
@@ -122,5 +122,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             for c in config.credentials.values()
         )
     settings = SandboxSettings(host=args.host, port=args.port, expires_in=args.expires_in, clients=clients)
-    run(lambda: run_sandbox(settings))
+    return _run_logged(log, lambda: run_sandbox(settings))
+
+
+def _run_logged(log: Any, main: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """Run a server; a fatal error (a port in use) is a JSON log line and exit 1, not a traceback."""
+    from proxy.server import run
+
+    try:
+        run(main)
+    except OSError as e:
+        log.error("cannot_start", error=f"{type(e).__name__}: {e}")
+        return EXIT_FATAL
+    except Exception:
+        log.exception("fatal_error")
+        return EXIT_FATAL
     return 0

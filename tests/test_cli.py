@@ -127,3 +127,19 @@ def test_dockerfile_contract() -> None:
 def test_shipped_configs_parse_as_yaml() -> None:
     for path in (ROOT / "config").glob("*.yaml"):
         assert isinstance(yaml.safe_load(path.read_text()), dict), path
+
+
+def test_port_in_use_is_a_json_error_not_a_traceback(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = tmp_path / "p.yaml"
+        text = (ROOT / "config" / "sandbox.yaml").read_text()
+        cfg.write_text(text)
+        result = run_cli("serve", "--config", str(cfg), env={"PROXY_PORT": str(port)})
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert any(e["event"] == "cannot_start" and "address" in e["error"].lower() for e in lines)

@@ -30,6 +30,7 @@ from proxy.sandbox import (
 )
 from proxy.sandbox.control import is_loopback
 from proxy.sandbox.files import content_disposition
+from tests.conftest import ManualClock
 
 START = 1_700_000_000.0
 
@@ -47,22 +48,9 @@ TOKEN_PATH = "/oauth2/token/"
 
 
 @dataclass
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    now: float = START
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@dataclass
 class Sandbox:
     server: TestServer
-    clock: FakeClock
+    clock: ManualClock
     settings: SandboxSettings
     session: ClientSession
     tokens: dict[str, str] = field(default_factory=dict)
@@ -132,7 +120,7 @@ async def session() -> AsyncIterator[ClientSession]:
 @pytest.fixture
 def make_sandbox(aiohttp_server: AiohttpServer, session: ClientSession) -> SandboxFactory:
     async def factory(app_hook: Callable[[web.Application], None] | None = None, **settings: Any) -> Sandbox:
-        clock = FakeClock()
+        clock = ManualClock(START)
         sandbox_settings = SandboxSettings(**settings)
         app = build_sandbox_app(sandbox_settings, clock)
         if app_hook is not None:

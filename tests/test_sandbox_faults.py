@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from proxy.sandbox import DEFAULT_CLIENT, SANDBOX_STATE, SandboxSettings, SandboxState, build_sandbox_app
 from proxy.sandbox.faults import Faults, FaultSpecError, RestApiFaults, TokenFaults, TokenMode
+from tests.conftest import ManualClock
 
 START = 1_700_000_000.0
 GOOD_AUTH = {"Authorization": encode_basic_auth(DEFAULT_CLIENT.client_id, DEFAULT_CLIENT.client_secret)}
@@ -27,20 +28,12 @@ EMEA_PATH = "/emea/oauth2/token/"
 
 
 @dataclass
-class FakeClock:
-    now: float = START
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
 class Box:
     """A running sandbox, a client session and a hand-moved clock."""
 
     server: TestServer
     session: ClientSession
-    clock: FakeClock
+    clock: ManualClock
 
     @property
     def state(self) -> SandboxState:
@@ -100,7 +93,7 @@ async def session() -> AsyncIterator[ClientSession]:
 
 @pytest.fixture
 async def box(aiohttp_server: AiohttpServer, session: ClientSession) -> Box:
-    clock = FakeClock()
+    clock = ManualClock(START)
     app = build_sandbox_app(SandboxSettings(expires_in=300), clock)
     return Box(await aiohttp_server(app), session, clock)
 
