@@ -73,9 +73,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except UpstreamAborted as e:
         status = request.get(UPSTREAM_STATUS, 0)  # the status line already sent, if any
         log.warning("transfer_aborted", request_id=request_id, reason=str(e))
+        # abort() drops the socket at once and discards anything buffered, so what aiohttp
+        # does with the returned response afterwards (finishing it) never reaches the client.
         if request.transport is not None:
             request.transport.abort()
-        raise
+        return e.response or web.Response(status=502)
     except web.HTTPException as e:
         # The router's own answers (a CONNECT's authority-form target matches no route).
         if request.method == "CONNECT":

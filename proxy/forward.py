@@ -66,8 +66,13 @@ REPLAYED: web.RequestKey[bool] = web.RequestKey("replayed", bool)
 class UpstreamAborted(Exception):
     """The transfer broke after the response started: the client connection must drop.
 
-    Finishing the response would let a truncated body look complete.
+    Finishing the response would let a truncated body look complete. ``response`` is
+    the response already under way, if any.
     """
+
+    def __init__(self, reason: str, response: web.StreamResponse | None = None) -> None:
+        super().__init__(reason)
+        self.response = response
 
 
 class BodyStream:
@@ -321,7 +326,7 @@ class Forwarder:
                 # Never write_eof() here: with chunked framing it would send the last chunk
                 # and the client would take a truncated body for a complete one.
                 upstream.close()
-                raise UpstreamAborted(f"transfer broke mid-body: {type(e).__name__}") from None
+                raise UpstreamAborted(f"transfer broke mid-body: {type(e).__name__}", response) from None
             except BaseException:  # the client went away (handler cancelled): drop upstream too
                 upstream.close()
                 raise
