@@ -41,7 +41,8 @@ CLIENT_SECRET = "soak-secret-value"
 # (seconds, fault spec): the cycle of faults, repeated for the whole run.
 FAULT_CYCLE: list[tuple[float, dict[str, Any]]] = [
     (20, {}),
-    (8, {"token": {"mode": "down"}}),
+    # Longer than a token's life (--expires-in 30): requests must get 503, never an expired token.
+    (40, {"token": {"mode": "down"}}),
     (15, {}),
     (10, {"token": {"mode": "down", "paths": ["/idp/oauth2/token/"]}}),
     (10, {"token": {"mode": "empty", "paths": ["/idp/oauth2/token/"]}}),

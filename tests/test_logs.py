@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -15,10 +16,10 @@ pytest_plugins = ["pytester"]
 
 
 @pytest.fixture
-def log_stream() -> io.StringIO:
+def log_stream() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     configure_logging("json", "debug", stream=stream)
-    yield stream  # type: ignore[misc]
+    yield stream
     configure_logging("json", "debug")
 
 

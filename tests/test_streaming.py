@@ -23,7 +23,7 @@ class RssSampler:
 
     def __init__(self, pid: int) -> None:
         self._proc = psutil.Process(pid)
-        self.baseline = self._proc.memory_info().rss
+        self.baseline: int = self._proc.memory_info().rss
         self.peak = self.baseline
         self._task: asyncio.Task[None] | None = None
 

@@ -277,6 +277,7 @@ async def test_1000_concurrent_first_requests_cause_one_token_fetch(
 
     tasks = [asyncio.ensure_future(one()) for _ in range(1000)]
     # Wait until all 1,000 requests are inside the proxy, waiting for the token.
+    assert proxy.server.runner is not None and proxy.server.runner.server is not None
     handler = proxy.server.runner.server
     deadline = time.monotonic() + 60
     while len(handler.connections) < 1000 and time.monotonic() < deadline:
