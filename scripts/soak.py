@@ -187,27 +187,31 @@ class Soak:
                 self.count(op, r.status, await r.read())
 
     async def verify(self, http: aiohttp.ClientSession) -> dict[str, int]:
-        """Every acknowledged, undeleted write must be in its country, and only there."""
-        missing = 0
-        checked = 0
-        for cc, keys in self.acked.items():
-            live = keys - self.deleted[cc]
-            found: set[str] = set()
+        """Every acknowledged, undeleted write must be in its country, and in no other."""
+        found: dict[str, set[str]] = {}
+        for cc in ("de", "us", "in"):
+            found[cc] = set()
             offset = 0
             while True:
                 body = {"filter": {}, "options": {"limit": 100, "offset": offset}}
                 async with http.post(f"{self.proxy}/{cc}/api/records/find", json=body) as r:
                     assert r.status == 200, await r.text()
                     doc = await r.json()
-                found.update(d["record_key"] for d in doc["data"])
+                found[cc].update(d["record_key"] for d in doc["data"])
                 offset += 100
                 if offset >= doc["meta"]["total"]:
                     break
+        checked = missing = misrouted = 0
+        for cc, keys in self.acked.items():
+            live = keys - self.deleted[cc]
             checked += len(live)
-            missing += len(live - found)
-            other = {k for k in found if not k.startswith("w")}
-            missing += len(other)
-        return {"acknowledged_writes_checked": checked, "acknowledged_writes_missing": missing}
+            missing += len(live - found[cc])
+            misrouted += sum(len(found[other] & keys) for other in found if other != cc)
+        return {
+            "acknowledged_writes_checked": checked,
+            "acknowledged_writes_missing": missing,
+            "records_in_another_country": misrouted,
+        }
 
 
 def sample(pid: int) -> dict[str, int]:
@@ -331,6 +335,7 @@ def main() -> int:
         Path(args.report).write_text(text + "\n")
     ok = (
         report["acknowledged_writes_missing"] == 0
+        and report["records_in_another_country"] == 0
         and report["secret_leaks_in_output"] == 0
         and report["sandbox_unauthorized"] <= report["injected_401"]
         and report["in_flight_at_end"] == 0

@@ -38,6 +38,7 @@ def test_quick_soak_keeps_every_invariant(tmp_path: Path) -> None:
     assert report["requests"] > 500
     assert report["acknowledged_writes_checked"] > 0
     assert report["acknowledged_writes_missing"] == 0
+    assert report["records_in_another_country"] == 0
     assert report["secret_leaks_in_output"] == 0
     assert report["in_flight_at_end"] == 0
     assert report["proxy_pool_at_end"]["acquired"] == 0
