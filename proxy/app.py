@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy import __version__
 from proxy.config import Config
 from proxy.errors import MethodNotAllowedError, ProxyError
-from proxy.forward import REPLAYED, ROUTE, UPSTREAM_STATUS, Forwarder, UpstreamAborted
+from proxy.forward import REPLAYED, REQUEST_ID, ROUTE, UPSTREAM_STATUS, Forwarder, UpstreamAborted
 from proxy.logs import get_logger
 from proxy.problems import problem_response
 from proxy.tokens import Clock, LocalTokenProvider, TokenFetcher, TokenProvider
@@ -30,8 +30,6 @@ CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 TOKENS: web.AppKey[TokenProvider] = web.AppKey("tokens", TokenProvider)
 FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder", Forwarder)
 UPSTREAM_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("upstream_session", aiohttp.ClientSession)
-
-REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

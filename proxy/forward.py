@@ -58,6 +58,7 @@ NO_BODY_STATUSES = frozenset({204, 304})
 # How much of an upstream 401 body is read (and quoted in the problem document).
 MAX_401_BODY = 16 * 1024
 
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 ROUTE: web.RequestKey[Route] = web.RequestKey("route", Route)
 UPSTREAM_STATUS: web.RequestKey[int] = web.RequestKey("upstream_status", int)
 REPLAYED: web.RequestKey[bool] = web.RequestKey("replayed", bool)
@@ -257,6 +258,9 @@ class Forwarder:
             client_proto=request.scheme,
             trust_forwarded=is_trusted(peer, self._config.forwarded.trusted_proxies),
         )
+        request_id = request.get(REQUEST_ID)
+        if request_id and "X-Request-Id" not in headers:
+            headers["X-Request-Id"] = request_id  # the same id in the proxy's and the upstream's logs
         # A streamed upload may take long; then only the idle-read timeout applies.
         first_byte = None if body.stream is not None else country.timeouts.first_byte
         try:
@@ -312,6 +316,9 @@ class Forwarder:
                 reason=upstream.reason,
                 headers=client_response_headers(upstream.headers),
             )
+            request_id = request.get(REQUEST_ID)
+            if request_id and "X-Request-Id" not in response.headers:
+                response.headers["X-Request-Id"] = request_id
             length = _content_length(upstream)
             if length is not None and upstream.status not in NO_BODY_STATUSES and upstream.status >= 200:
                 response.content_length = length

@@ -191,6 +191,7 @@ async def test_request_headers_are_rewritten(
     ) as r:
         assert r.status == 200
         seen = await r.json()
+        request_id = r.headers["X-Request-Id"]
     got = {k.lower(): v for k, v in seen["headers"]}
     assert seen["authorization"] == "valid"  # the client's own was replaced by a sandbox token
     for name in ("x-incountry-country", "x-drop-me", "keep-alive", "proxy-authorization", "te", "upgrade"):
@@ -201,6 +202,8 @@ async def test_request_headers_are_rewritten(
     assert got["x-forwarded-host"] == up_proxy.url.removeprefix("http://")
     assert got["via"] == "1.1 incountry-proxy"
     assert got["x-custom"] == "kept"
+    assert len(got["x-request-id"]) == 32  # generated, and the same one the client gets back
+    assert got["x-request-id"] == request_id
     assert got["user-agent"] == "legacy-app/1.0"
     # aiohttp's client must not add headers the caller did not send.
     assert "accept-encoding" not in got and "accept" not in got
