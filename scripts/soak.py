@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import hashlib
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -37,6 +39,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_SECRET = "soak-secret-value"
+# The sandbox's tokens are secrets.token_urlsafe(32): 43 URL-safe characters.
+TOKEN_SHAPED = re.compile(r"[A-Za-z0-9_-]{43}")
 
 # (seconds, fault spec): the cycle of faults, repeated for the whole run.
 FAULT_CYCLE: list[tuple[float, dict[str, Any]]] = [
@@ -74,7 +78,7 @@ def proxy_config(sandbox_port: int, proxy_port: int) -> dict[str, Any]:
         },
         "regions": {"emea": {"token_urls": [f"{base}/idp/oauth2/token/", f"{base}/emea/oauth2/token/"]}},
         "countries": {cc: {"region": "emea", "restapi_url": f"{base}/{cc}"} for cc in ("de", "us", "in")},
-        "upstream": {"first_byte_timeout": 5, "read_timeout": 5},
+        "upstream": {"first_byte_timeout": 5, "read_timeout": 5, "keepalive_timeout": 2},
         "quota": {"queue_timeout": 5},
     }
 
@@ -275,7 +279,13 @@ async def run(duration: float, workers: int, fault_scale: float = 1.0) -> dict[s
                 status = await r.json()
             async with http.get(f"{sandbox_url}/_sandbox/stats") as r:
                 stats = await r.json()
+            async with http.get(f"{sandbox_url}/_sandbox/tokens/digests") as r:
+                digests = set((await r.json())["sha256"])
             verification = await soak.verify(http)
+        # With the clients gone and idle upstream connections expired (keepalive_timeout
+        # 2 s here), descriptors must be back where they started: nothing leaked.
+        await asyncio.sleep(4)
+        end_idle = sample(proxy.pid)
     finally:
         for p in (proxy, sandbox):
             p.terminate()
@@ -289,8 +299,11 @@ async def run(duration: float, workers: int, fault_scale: float = 1.0) -> dict[s
     outputs = (tmp / "proxy.log").read_text(errors="replace") + (tmp / "sandbox.log").read_text(
         errors="replace"
     )
-    leaks = int(CLIENT_SECRET in outputs) + sum(
-        1 for line in outputs.splitlines() if "Bearer " in line and "[redacted]" not in line
+    words = set(TOKEN_SHAPED.findall(outputs))
+    leaks = (
+        int(CLIENT_SECRET in outputs)
+        + sum(1 for w in words if hashlib.sha256(w.encode()).hexdigest() in digests)
+        + sum(1 for line in outputs.splitlines() if "Bearer " in line and "[redacted]" not in line)
     )
     total = sum(soak.outcomes.values())
     errors = {k: v for k, v in sorted(soak.outcomes.items()) if not k.split()[1].startswith(("2",))}
@@ -303,8 +316,9 @@ async def run(duration: float, workers: int, fault_scale: float = 1.0) -> dict[s
         "errors_by_kind": errors,
         "proxy_start": start,
         "proxy_end": end,
+        "proxy_end_idle": end_idle,
         "rss_growth_bytes": end["rss_bytes"] - start["rss_bytes"],
-        "fd_growth": end["open_fds"] - start["open_fds"],
+        "fd_growth_idle": end_idle["open_fds"] - start["open_fds"],
         "proxy_pool_at_end": status["pool"],
         "in_flight_at_end": sum(u["in_flight"] for u in status["upstreams"].values()),
         "sandbox_unauthorized": stats["unauthorized"],
@@ -339,6 +353,7 @@ def main() -> int:
         and report["secret_leaks_in_output"] == 0
         and report["sandbox_unauthorized"] <= report["injected_401"]
         and report["in_flight_at_end"] == 0
+        and report["fd_growth_idle"] <= 2
         and report["outcomes"].get("download CORRUPT", 0) == 0
     )
     return 0 if ok else 1

@@ -400,3 +400,15 @@ async def test_concurrent_requests_share_the_pool(
         assert r.status == 200
         assert (await r.json())["authorization"] == "valid"
         r.release()
+
+
+async def test_sandbox_token_digests_name_tokens_without_revealing_them(
+    proxy: RunningProxy, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(f"{proxy.url}/de/api/records/find", json={}) as r:
+        assert r.status == 200
+    async with http.get(f"{sandbox.url}/_sandbox/tokens/digests") as r:
+        text = await r.text()
+    (token,) = sandbox.state.issued_tokens
+    assert json.loads(text)["sha256"] == [hashlib.sha256(token.encode()).hexdigest()]
+    assert token not in text

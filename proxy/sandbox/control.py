@@ -7,6 +7,7 @@ client secret.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 
@@ -56,6 +57,19 @@ async def revoke_tokens(request: web.Request) -> web.Response:
     return web.json_response({"revoked": revoked})
 
 
+async def token_digests(request: web.Request) -> web.Response:
+    """``GET /_sandbox/tokens/digests``: SHA-256 of every token ever issued, never a token.
+
+    Lets an out-of-process leak scan recognise a token in some output (hash each
+    token-shaped word and compare) without this endpoint handing the tokens out.
+    """
+    _require_loopback(request)
+    digests = sorted(
+        {hashlib.sha256(t.encode()).hexdigest() for t in request.app[SANDBOX_STATE].issued_tokens}
+    )
+    return web.json_response({"sha256": digests})
+
+
 async def get_faults(request: web.Request) -> web.Response:
     """``GET /_sandbox/faults``: the active faults, every key present, countdowns as they stand."""
     _require_loopback(request)
@@ -97,6 +111,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/_sandbox/stats", stats, name="control.stats")
     app.router.add_post("/_sandbox/reset", reset, name="control.reset")
     app.router.add_post("/_sandbox/tokens/revoke", revoke_tokens, name="control.revoke")
+    app.router.add_get("/_sandbox/tokens/digests", token_digests, name="control.token_digests")
     app.router.add_get("/_sandbox/faults", get_faults, name="control.faults_get")
     app.router.add_put("/_sandbox/faults", put_faults, name="control.faults_put")
     app.router.add_delete("/_sandbox/faults", delete_faults, name="control.faults_delete")
