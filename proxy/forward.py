@@ -39,6 +39,7 @@ from proxy.headers import client_response_headers, is_trusted, upstream_request_
 from proxy.logs import get_logger
 from proxy.quota import UpstreamQuota
 from proxy.routing import Route, resolve_country
+from proxy.streams import read_prefix
 from proxy.tokens import Token, TokenProvider
 
 log = get_logger("proxy.forward")
@@ -362,7 +363,7 @@ def _content_length(upstream: aiohttp.ClientResponse) -> int | None:
 async def _read_401(upstream: aiohttp.ClientResponse) -> tuple[object, str | None]:
     """Read and release a 401 answer; return its body (parsed JSON if it is) and challenge."""
     async with upstream:
-        raw = await upstream.content.read(MAX_401_BODY)
+        raw = await read_prefix(upstream.content, MAX_401_BODY)
         www_auth = upstream.headers.get("WWW-Authenticate")
     try:
         parsed: object = json.loads(raw)

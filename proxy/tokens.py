@@ -31,6 +31,7 @@ from proxy import __version__
 from proxy.config import Country, Secret, TokenSettings
 from proxy.errors import TokenUnavailableError
 from proxy.logs import get_logger
+from proxy.streams import BodyTooLong, read_bounded
 
 log = get_logger("proxy.tokens")
 
@@ -200,7 +201,12 @@ class TokenFetcher:
                     timeout=timeout,
                     allow_redirects=False,
                 ) as resp:
-                    body = await resp.content.read(MAX_TOKEN_RESPONSE)
+                    try:
+                        body = await read_bounded(resp.content, MAX_TOKEN_RESPONSE)
+                    except BodyTooLong:
+                        raise TokenFetchError(
+                            f"{url}: answer larger than {MAX_TOKEN_RESPONSE} bytes"
+                        ) from None
                     if resp.status == 200:
                         return parse_token_response(body, sent_at, url, self._settings)
                     if resp.status in (400, 401, 403):
