@@ -370,6 +370,31 @@ def _upstream(r: _Reader, raw: Any) -> UpstreamSettings:
     )
 
 
+_HOST_COUNTRY_RE = re.compile(r"^([a-z]{2})-restapi")
+
+
+def _routing_warnings(key: str, code: str, restapi: URL, countries: Mapping[str, Country]) -> list[str]:
+    """Findings that may mean one country's data would reach another's upstream.
+
+    Warnings, not errors: InCountry serves some countries through another country's
+    host, and this configuration is authoritative. But an operator should see them.
+    """
+    found = []
+    named = _HOST_COUNTRY_RE.match(restapi.host or "")
+    if named and named.group(1) != code:
+        found.append(
+            f"{key}.restapi_url: the host names country {named.group(1).upper()}, not {code.upper()}; "
+            f"{code.upper()}'s data will go there"
+        )
+    for other in countries.values():
+        if other.upstream_base == str(restapi):
+            found.append(
+                f"{key}.restapi_url: the same upstream as countries.{other.code}; "
+                f"{code.upper()}'s and {other.code.upper()}'s data will go to one place"
+            )
+    return found
+
+
 def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
     """Validate a parsed YAML document and build the :class:`Config`.
 
@@ -481,6 +506,7 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None) -> Config:
         insecure = restapi.scheme == "http"
         if insecure:
             warnings.append(f"{key}.restapi_url: plain http; regulated data and tokens travel unencrypted")
+        warnings.extend(_routing_warnings(key, code, restapi, countries))
         countries[code] = Country(
             code=code,
             region=region,

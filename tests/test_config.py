@@ -766,3 +766,18 @@ def test_per_country_quota_errors_name_the_country() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(doc, env={})
     assert any(p.startswith("countries.us.quota.burst") for p in err.value.problems)
+
+
+def test_a_host_naming_another_country_is_warned_about() -> None:
+    doc = _doc_with()
+    doc["countries"]["us"]["restapi_url"] = "https://de-restapi-mt-01.api.incountry.io"  # type: ignore[index]
+    config = parse_config(doc, env={})
+    joined = "\n".join(config.warnings)
+    assert "countries.us.restapi_url: the host names country DE, not US" in joined
+    assert "the same upstream as countries.de" in joined
+
+
+def test_the_shipped_production_config_has_no_routing_warnings() -> None:
+    env = {"INCOUNTRY_CLIENT_ID": "i", "INCOUNTRY_CLIENT_SECRET": "s", "INCOUNTRY_ENVIRONMENT_ID": "e"}
+    config = load_config(INCOUNTRY_YAML, env=env)
+    assert config.warnings == ()
