@@ -79,7 +79,9 @@ def test_suite_fails_a_test_that_prints_a_secret(pytester: pytest.Pytester) -> N
     from tests.conftest import SECRETS
 
     try:
-        result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+        result = pytester.runpytest_inprocess(
+            "-p", "no:cacheprovider", "-o", "asyncio_default_fixture_loop_scope=function"
+        )
     finally:
         SECRETS.static.discard("canary-secret-value-42")  # the outer run must not flag it
     result.assert_outcomes(passed=1, failed=1)
