@@ -87,16 +87,16 @@ class BodyStream:
 
     def __init__(self, request: web.Request, limit: int) -> None:
         self._content = request.content
-        self._limit = limit
+        self.limit = limit
         self.received = 0
         self.exceeded = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._content.iter_any():
             self.received += len(chunk)
-            if self.received > self._limit:
+            if self.received > self.limit:
                 self.exceeded = True
-                raise BodyTooLargeError(too_large(self._limit))
+                raise BodyTooLargeError(too_large(self.limit))
             yield chunk
 
 
@@ -279,7 +279,7 @@ class Forwarder:
         except aiohttp.ClientConnectorError as e:
             raise UpstreamConnectError(
                 f"cannot connect to {country.code.upper()}'s REST API at {country.upstream_host} "
-                f"({e.os_error.strerror or type(e.os_error).__name__}); retry later, and tell the "
+                f"({_connect_reason(e)}); retry later, and tell the "
                 "proxy's operators if it persists"
             ) from None
         except aiohttp.ServerTimeoutError:
@@ -303,7 +303,7 @@ class Forwarder:
     @staticmethod
     def _check_body(body: Body) -> None:
         if body.stream is not None and body.stream.exceeded:
-            raise BodyTooLargeError(too_large(body.stream._limit))
+            raise BodyTooLargeError(too_large(body.stream.limit))
 
     async def relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         """Stream the upstream's answer to the client, byte for byte (no decompression).
@@ -370,6 +370,14 @@ async def _read_401(upstream: aiohttp.ClientResponse) -> tuple[object, str | Non
     except ValueError:
         parsed = raw.decode("utf-8", "replace")
     return parsed, www_auth
+
+
+def _connect_reason(e: aiohttp.ClientConnectorError) -> str:
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        return "its TLS certificate did not verify"
+    if isinstance(e, aiohttp.ClientSSLError):
+        return "the TLS handshake failed"
+    return e.strerror or type(e).__name__
 
 
 def _unauthorized(detail: str, upstream_body: object, www_auth: str | None) -> UpstreamUnauthorizedError:

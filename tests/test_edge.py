@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from tests.conftest import RunningProxy, RunningSandbox, RunningUpstream, config_dict
 
@@ -147,3 +149,31 @@ async def test_odd_method_message_and_allow_header(
         assert r.status == 405
         assert "GET" in r.headers["Allow"]
         assert "not a REST API method" in json.loads(await r.read())["detail"]
+
+
+async def test_upstream_tls_certificates_are_verified(
+    aiohttp_server: Any, start_proxy: StartProxy, sandbox: RunningSandbox, http: aiohttp.ClientSession
+) -> None:
+    """An upstream whose certificate the proxy cannot verify gets no request and no token."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.Response(text="should not be reached")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    server = await aiohttp_server(app, ssl=context)
+    proxy = await start_proxy(config_dict(sandbox, countries={"de": f"https://127.0.0.1:{server.port}/de"}))
+    async with http.get(f"{proxy.url}/de/api/records") as r:
+        assert r.status == 502
+        doc = json.loads(await r.read())
+    assert doc["hop"] == "upstream_connect" and "TLS certificate" in doc["detail"]
+    assert seen == []
