@@ -5,6 +5,7 @@ clock, a proxy subprocess, and the suite-wide check that no secret reaches any o
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -85,6 +86,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             f"{item.nodeid} ({call.when}); output withheld so the secret is not printed again"
         )
         report.sections = []
+
+
+# --- problem documents -------------------------------------------------------------------
+
+PROBLEM = "application/problem+json"
+
+
+async def problem(resp: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
+    """Assert ``resp`` is a complete problem document (RFC 9457) with ``status``; return it."""
+    assert resp.status == status, await resp.text()
+    assert resp.headers["Content-Type"].startswith(PROBLEM)
+    doc: dict[str, Any] = json.loads(await resp.read())
+    assert doc["status"] == status
+    assert doc["detail"] and doc["title"] and doc["hop"]
+    return doc
 
 
 # --- clocks ----------------------------------------------------------------------------

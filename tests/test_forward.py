@@ -6,20 +6,23 @@ import asyncio
 import gzip
 import hashlib
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import pytest
 from yarl import URL
 
-from tests.conftest import RunningProxy, RunningSandbox, RunningUpstream, config_dict
+from tests.conftest import (
+    RunningProxy,
+    RunningSandbox,
+    RunningUpstream,
+    config_dict,
+    free_port,
+    problem,
+)
 from tests.upstream import GZIP_BODY, GZIP_PLAIN, pattern_sha256
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
-
-PROBLEM = "application/problem+json"
 
 
 @pytest.fixture
@@ -30,15 +33,6 @@ async def up_proxy(
     return await start_proxy(
         config_dict(sandbox, countries={"de": upstream.restapi_url("de"), "au": upstream.restapi_url("au")})
     )
-
-
-async def problem(resp: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
-    assert resp.status == status
-    assert resp.headers["Content-Type"].startswith(PROBLEM)
-    doc: dict[str, Any] = json.loads(await resp.read())
-    assert doc["status"] == status
-    assert doc["detail"] and doc["title"] and doc["hop"]
-    return doc
 
 
 # --- through the sandbox: the product's real job ---------------------------------------
@@ -126,7 +120,7 @@ async def test_unroutable_requests_get_400_problem(
 async def test_token_unavailable_gives_503_with_retry_after_and_nothing_forwarded(
     start_proxy: StartProxy, sandbox: RunningSandbox, upstream: RunningUpstream, http: aiohttp.ClientSession
 ) -> None:
-    dead = f"http://127.0.0.1:{unused_port()}/oauth2/token/"
+    dead = f"http://127.0.0.1:{free_port()}/oauth2/token/"
     proxy = await start_proxy(
         config_dict(sandbox, countries={"de": upstream.restapi_url("de")}, token_urls=[dead])
     )
@@ -151,16 +145,10 @@ async def test_wrong_credentials_give_503_naming_the_auth_error(
     assert sandbox.state.token_requests == 1
 
 
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_second_token_url_is_used_when_the_first_refuses_connections(
     start_proxy: StartProxy, sandbox: RunningSandbox, http: aiohttp.ClientSession
 ) -> None:
-    dead = f"http://127.0.0.1:{unused_port()}/oauth2/token/"
+    dead = f"http://127.0.0.1:{free_port()}/oauth2/token/"
     proxy = await start_proxy(config_dict(sandbox, token_urls=[dead, sandbox.token_url("emea")]))
     async with http.post(f"{proxy.url}/de/api/records/find", json={}) as r:
         assert r.status == 200
@@ -317,7 +305,7 @@ async def test_upstream_status_codes_and_head_pass_through(
 async def test_connect_failure_is_502_problem(
     start_proxy: StartProxy, sandbox: RunningSandbox, http: aiohttp.ClientSession
 ) -> None:
-    proxy = await start_proxy(config_dict(sandbox, countries={"de": f"http://127.0.0.1:{unused_port()}/de"}))
+    proxy = await start_proxy(config_dict(sandbox, countries={"de": f"http://127.0.0.1:{free_port()}/de"}))
     async with http.get(f"{proxy.url}/de/api/records/find") as r:
         doc = await problem(r, 502)
     assert doc["hop"] == "upstream_connect"

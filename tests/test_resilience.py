@@ -14,19 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ProxyProcess, RunningProxy, RunningSandbox, config_dict
+from tests.conftest import PROBLEM, ProxyProcess, RunningProxy, RunningSandbox, config_dict, problem
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
-PROBLEM = "application/problem+json"
 FIND = {"filter": {}, "options": {"limit": 10}}
-
-
-async def problem(resp: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
-    assert resp.status == status, await resp.text()
-    assert resp.headers["Content-Type"].startswith(PROBLEM)
-    doc: dict[str, Any] = json.loads(await resp.read())
-    assert doc["status"] == status and doc["detail"] and doc["hop"]
-    return doc
 
 
 async def find(http: aiohttp.ClientSession, proxy: RunningProxy | ProxyProcess, cc: str = "de") -> int:
