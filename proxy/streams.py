@@ -15,12 +15,10 @@ class BodyTooLong(Exception):
 
 async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
     """The whole body, or :class:`BodyTooLong` once it passes ``limit`` bytes."""
-    body = bytearray()
-    async for chunk in content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLong(f"body longer than {limit} bytes")
-    return bytes(body)
+    body = await read_prefix(content, limit + 1)
+    if len(body) > limit:
+        raise BodyTooLong(f"body longer than {limit} bytes")
+    return body
 
 
 async def read_prefix(content: aiohttp.StreamReader, limit: int) -> bytes:
