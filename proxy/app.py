@@ -187,7 +187,7 @@ def upstream_session(config: Config) -> aiohttp.ClientSession:
     )
 
 
-def token_session(config: Config) -> aiohttp.ClientSession:
+def token_session() -> aiohttp.ClientSession:
     """A separate session for auth servers, so token requests never queue behind API traffic.
 
     Token requests come minutes apart, so connections are not kept: a pooled one would
@@ -221,7 +221,7 @@ def build_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         upstream = upstream_session(config)
-        auth = token_session(config)
+        auth = token_session()
         provider = tokens or LocalTokenProvider(
             TokenFetcher(auth, config.tokens, clock), config.tokens, clock
         )
